@@ -1,0 +1,125 @@
+"""Public entry points of the single-device kernel (the contract in shared/DESIGN.md).
+
+Three layers, as in flash-attn: ``flash_attn_forward`` / ``flash_attn_backward`` validate and dispatch
+to a backend (Triton kernels or the chunked PyTorch path); ``FlashAttnFunc`` is the autograd
+Function; ``flash_attn_func`` is the user-facing call.
+
+Layout ``(batch, seqlen, nheads, headdim)``; k and v may have fewer heads (GQA/MQA). The causal mask
+for positions 0..4 (rows: queries, columns: keys, 1 = visible)::
+
+    1 0 0 0 0
+    1 1 0 0 0
+    1 1 1 0 0
+    1 1 1 1 0
+    1 1 1 1 1
+
+``window=(left, right)`` keeps ``q_pos - left <= k_pos <= q_pos + right`` on top of that.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import torch_backend
+from .positions import Positions, mask_band
+from .validation import (check_backend, check_like, check_positions, check_qkv, check_scale,
+                         check_window)
+
+
+def _backend_module(name, device):
+    if name == "torch":
+        return torch_backend
+    from . import triton_attention  # imported lazily: the torch backend works without a usable Triton
+    if device.type != "cuda" and not triton_attention.INTERPRET:
+        raise ValueError(f"backend='triton' needs CUDA tensors (got {device}) or TRITON_INTERPRET=1 set "
+                         "before the first import of kernels; use backend='torch' on CPU")
+    return triton_attention
+
+
+def _prepare(q, k, v, softmax_scale, causal, q_offset, k_offset, q_stride, k_stride, window, backend):
+    """Validates everything once; returns (dims, scale, q positions, k positions, band, backend module)."""
+    dims = check_qkv(q, k, v)
+    _, seqlen_q, seqlen_k, _, _, headdim = dims
+    scale = check_scale(softmax_scale, headdim)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool; got {type(causal).__name__}")
+    window = check_window(window)
+    check_positions("q", q_offset, q_stride, seqlen_q)
+    check_positions("k", k_offset, k_stride, seqlen_k)
+    qpos = Positions(q_offset, q_stride, seqlen_q)
+    kpos = Positions(k_offset, k_stride, seqlen_k)
+    below, above = mask_band(causal, window, qpos, kpos)
+    module = _backend_module(check_backend(backend, q.device), q.device)
+    return dims, scale, qpos, kpos, (below, above), module
+
+
+def flash_attn_forward(q, k, v, softmax_scale, causal, q_offset=0, k_offset=0, q_stride=1, k_stride=1,
+                       window=None, *, backend=None, out_dtype=None):
+    """Attention of one query block against one key/value block at explicit global positions.
+
+    q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_kv, headdim).
+    Query row i sits at ``q_offset + i * q_stride``, key row j at ``k_offset + j * k_stride``.
+    Returns ``out`` (batch, seqlen_q, nheads, headdim) in ``out_dtype`` (default q.dtype; the ring asks
+    for float32 so it can merge steps without rounding) and ``lse`` (batch, nheads, seqlen_q), float32,
+    natural log. Rows that see no key: out 0, lse -inf.
+    """
+    (batch, seqlen_q, seqlen_k, nheads, _, _), scale, qpos, kpos, band, module = _prepare(
+        q, k, v, softmax_scale, causal, q_offset, k_offset, q_stride, k_stride, window, backend)
+    out_dtype = q.dtype if out_dtype is None else out_dtype
+    if seqlen_q == 0 or seqlen_k == 0:
+        out = torch.zeros(q.shape, dtype=out_dtype, device=q.device)
+        return out, torch.full((batch, nheads, seqlen_q), float("-inf"), device=q.device)
+    return module.forward(q, k, v, scale, qpos, kpos, *band, out_dtype)
+
+
+def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal, q_offset=0, k_offset=0, q_stride=1,
+                        k_stride=1, window=None, *, backend=None):
+    """Gradients of attention given the output and the LSE it was normalised with.
+
+    ``lse`` is used as given, not recomputed: in a ring it is the global LSE over all KV blocks, so
+    the gradients of this block are exact without any merge. Returns ``dq, dk, dv`` in float32 (for
+    accumulation across ring steps), with the shapes of q, k, v.
+    """
+    (batch, seqlen_q, seqlen_k, nheads, _, _), scale, qpos, kpos, band, module = _prepare(
+        q, k, v, softmax_scale, causal, q_offset, k_offset, q_stride, k_stride, window, backend)
+    check_like("dout", dout, q, q.shape)
+    check_like("out", out, q, q.shape)
+    check_like("lse", lse, q, (batch, nheads, seqlen_q), torch.float32)
+    if seqlen_q == 0 or seqlen_k == 0:
+        return (torch.zeros(q.shape, dtype=torch.float32, device=q.device),
+                torch.zeros(k.shape, dtype=torch.float32, device=q.device),
+                torch.zeros(v.shape, dtype=torch.float32, device=q.device))
+    return module.backward(dout, q, k, v, out, lse, scale, qpos, kpos, *band)
+
+
+class FlashAttnFunc(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, softmax_scale, window, backend):
+        out, lse = flash_attn_forward(q, k, v, softmax_scale, causal, window=window, backend=backend)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (softmax_scale, causal, window, backend)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        softmax_scale, causal, window, backend = ctx.args
+        dq, dk, dv = flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal, window=window,
+                                         backend=backend)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def flash_attn_func(q, k, v, causal=False, softmax_scale=None, window=None, return_lse=False, backend=None):
+    """Differentiable exact attention; flash-attn layout and semantics.
+
+    q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_kv, headdim) with
+    ``nheads % nheads_kv == 0``; float16, bfloat16 or float32; headdim <= 256. Positions are
+    0..seqlen-1 for both (use ``flash_attn_forward`` for offsets and strides); with
+    ``seqlen_q != seqlen_k`` the causal mask is aligned at the top-left (query i sees keys <= i).
+    ``backend``: "triton" (default on CUDA) or "torch" (default elsewhere).
+    Returns ``out`` (like q), and with ``return_lse=True`` also ``lse`` (batch, nheads, seqlen_q), float32,
+    which is not differentiable.
+    """
+    out, lse = FlashAttnFunc.apply(q, k, v, causal, softmax_scale, window, backend)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,73 @@
+"""Plain-PyTorch attention: the reference every kernel, ring and benchmark is checked against.
+
+It materialises the full (seqlen_q x seqlen_k) score matrix, so use it on test-sized inputs only.
+Math runs in float32, or float64 when the inputs are float64. The visibility rule is the one in
+shared/DESIGN.md: key position ``kp`` is visible from query position ``qp`` when
+``qp - left <= kp <= qp + right`` (``window=(left, right)``, ``None`` = unlimited) and, if ``causal``,
+``kp <= qp``. Rows that see no key give output 0 and LSE -inf.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .validation import check_window
+
+
+def visibility_mask(q_positions, k_positions, causal, window):
+    """Bool ``(seqlen_q, seqlen_k)``: True where the key is visible from the query."""
+    diff = q_positions[:, None] - k_positions[None, :]  # qp - kp
+    visible = torch.ones_like(diff, dtype=torch.bool)
+    left, right = window if window is not None else (None, None)
+    if causal:
+        visible &= diff >= 0
+    if left is not None:
+        visible &= diff <= left
+    if right is not None:
+        visible &= diff >= -right
+    return visible
+
+
+def attention_reference(q, k, v, causal=False, softmax_scale=None, window=None,
+                        q_positions=None, k_positions=None):
+    """Differentiable full-matrix attention.
+
+    q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_kv, headdim), with
+    ``nheads % nheads_kv == 0`` (GQA/MQA: query head h reads KV head ``h // (nheads // nheads_kv)``).
+    q_positions / k_positions: 1-D integer tensors of global positions (default ``arange``).
+    Returns ``out`` (batch, seqlen_q, nheads, headdim) in the math dtype (float32 or float64) and
+    ``lse`` (batch, nheads, seqlen_q), natural log, same dtype.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-D (batch, seqlen, nheads, headdim); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
+    batch, seqlen_q, nheads, headdim = q.shape
+    seqlen_k, nheads_kv = k.shape[1], k.shape[2]
+    if nheads % nheads_kv != 0:
+        raise ValueError(f"nheads ({nheads}) must be divisible by nheads_kv ({nheads_kv})")
+    check_window(window)
+    math_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = headdim ** -0.5 if softmax_scale is None else softmax_scale
+    if q_positions is None:
+        q_positions = torch.arange(seqlen_q, device=q.device)
+    if k_positions is None:
+        k_positions = torch.arange(seqlen_k, device=q.device)
+    visible = visibility_mask(q_positions.to(q.device, torch.long), k_positions.to(q.device, torch.long),
+                              causal, window)
+
+    group = nheads // nheads_kv
+    qh = q.to(math_dtype).transpose(1, 2)  # (B, H, Lq, D)
+    kh = k.to(math_dtype).transpose(1, 2).repeat_interleave(group, dim=1)  # (B, H, Lk, D)
+    vh = v.to(math_dtype).transpose(1, 2).repeat_interleave(group, dim=1)
+    scores = (qh @ kh.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~visible, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True).detach()
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    unnormalised = torch.exp(scores - row_max)  # masked entries: exp(-inf) = 0
+    row_sum = unnormalised.sum(dim=-1, keepdim=True)
+    probs = unnormalised / torch.where(row_sum == 0, torch.ones_like(row_sum), row_sum)
+    out = (probs @ vh).transpose(1, 2)
+    lse = (row_max + torch.log(row_sum)).squeeze(-1)  # log(0) = -inf on fully masked rows
+    return out, lse

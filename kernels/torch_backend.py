@@ -1,0 +1,107 @@
+"""Chunked online-softmax attention in plain PyTorch: the default on CPU tensors.
+
+Same contract as the Triton kernels (positions, band mask, external LSE in the backward, float32
+results) but written with tensor ops over ``CHUNK x CHUNK`` tiles, so memory is O(seqlen * CHUNK)
+instead of O(seqlen^2). Tiles outside the band are skipped and only tiles the band cuts are masked.
+GQA is a broadcast over a group axis: K/V are never repeated.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .positions import Positions, fully_visible, visible_range
+
+CHUNK = 256
+
+
+def _math_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grouped(x, nheads_kv):
+    """(B, L, H, D) -> (B, Hkv, G, L, D) with G = H // Hkv; query head h = kv_head * G + g."""
+    batch, seqlen, nheads, headdim = x.shape
+    return x.view(batch, seqlen, nheads_kv, nheads // nheads_kv, headdim).permute(0, 2, 3, 1, 4)
+
+
+def _ungrouped(x):
+    """(B, Hkv, G, L, D) -> (B, L, H, D)."""
+    batch, nheads_kv, group, seqlen, headdim = x.shape
+    return x.permute(0, 3, 1, 2, 4).reshape(batch, seqlen, nheads_kv * group, headdim)
+
+
+def _tiles(qpos: Positions, kpos: Positions, below, above):
+    """Yields (q_slice, k_slice, mask) for every tile the band touches; mask is None for full tiles."""
+    for q_start in range(0, qpos.length, CHUNK):
+        q_end = min(q_start + CHUNK, qpos.length)
+        q_first, q_last = qpos.at(q_start), qpos.at(q_end - 1)
+        k_lo, k_hi = visible_range(q_first, q_last, kpos, below, above)
+        for k_start in range(k_lo, k_hi, CHUNK):
+            k_end = min(k_start + CHUNK, k_hi)
+            mask = None
+            if not fully_visible(q_first, q_last, kpos.at(k_start), kpos.at(k_end - 1), below, above):
+                qp = qpos.at(torch.arange(q_start, q_end))
+                kp = kpos.at(torch.arange(k_start, k_end))
+                diff = qp[:, None] - kp[None, :]
+                mask = (diff <= below) & (diff >= -above)
+            yield slice(q_start, q_end), slice(k_start, k_end), mask
+
+
+def forward(q, k, v, scale, qpos: Positions, kpos: Positions, below, above, out_dtype):
+    """Returns out (B, Lq, H, D) in ``out_dtype`` and lse (B, H, Lq) in float32."""
+    math = _math_dtype(q.dtype)
+    nheads_kv = k.shape[2]
+    qg = _grouped(q, nheads_kv).to(math)                      # (B, Hkv, G, Lq, D)
+    kg = k.to(math).permute(0, 2, 1, 3).unsqueeze(2)          # (B, Hkv, 1, Lk, D)
+    vg = v.to(math).permute(0, 2, 1, 3).unsqueeze(2)
+    stats_shape = qg.shape[:-1] + (1,)
+    row_max = torch.full(stats_shape, float("-inf"), dtype=math, device=q.device)
+    row_sum = torch.zeros(stats_shape, dtype=math, device=q.device)
+    acc = torch.zeros(qg.shape, dtype=math, device=q.device)
+    for qs, ks, mask in _tiles(qpos, kpos, below, above):
+        scores = (qg[..., qs, :] @ kg[..., ks, :].transpose(-1, -2)) * scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask.to(q.device), float("-inf"))
+        new_max = torch.maximum(row_max[..., qs, :], scores.amax(dim=-1, keepdim=True))
+        safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
+        probs = torch.exp(scores - safe_max)
+        rescale = torch.exp(row_max[..., qs, :] - safe_max)
+        row_sum[..., qs, :] = row_sum[..., qs, :] * rescale + probs.sum(dim=-1, keepdim=True)
+        acc[..., qs, :] = acc[..., qs, :] * rescale + probs @ vg[..., ks, :]
+        row_max[..., qs, :] = new_max
+    empty = row_sum == 0
+    out = acc / torch.where(empty, torch.ones_like(row_sum), row_sum)
+    lse = torch.where(empty, torch.full_like(row_max, float("-inf")), row_max + torch.log(row_sum))
+    batch, seqlen_q, nheads, _ = q.shape
+    return _ungrouped(out).to(out_dtype), lse.reshape(batch, nheads, seqlen_q).float()
+
+
+def backward(dout, q, k, v, out, lse, scale, qpos: Positions, kpos: Positions, below, above):
+    """dq, dk, dv in float32, recomputing P = exp(S - lse) tile by tile."""
+    math = _math_dtype(q.dtype)
+    batch, seqlen_q, nheads, headdim = q.shape
+    nheads_kv = k.shape[2]
+    group = nheads // nheads_kv
+    qg = _grouped(q, nheads_kv).to(math)
+    dog = _grouped(dout, nheads_kv).to(math)
+    kg = k.to(math).permute(0, 2, 1, 3).unsqueeze(2)
+    vg = v.to(math).permute(0, 2, 1, 3).unsqueeze(2)
+    delta = _grouped((dout.to(math) * out.to(math)).sum(-1, keepdim=True), nheads_kv)  # (B, Hkv, G, Lq, 1)
+    lse = lse.to(math).reshape(batch, nheads_kv, group, seqlen_q, 1)
+    # A row with lse = -inf saw no key: make every P entry exp(-inf) = 0 instead of NaN.
+    lse = torch.where(lse == float("-inf"), torch.full_like(lse, float("inf")), lse)
+    dq = torch.zeros(qg.shape, dtype=math, device=q.device)
+    dk = torch.zeros(kg.shape, dtype=math, device=q.device)
+    dv = torch.zeros(vg.shape, dtype=math, device=q.device)
+    for qs, ks, mask in _tiles(qpos, kpos, below, above):
+        scores = (qg[..., qs, :] @ kg[..., ks, :].transpose(-1, -2)) * scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask.to(q.device), float("-inf"))
+        probs = torch.exp(scores - lse[..., qs, :])
+        dv[..., ks, :] += (probs.transpose(-1, -2) @ dog[..., qs, :]).sum(2, keepdim=True)
+        dprobs = dog[..., qs, :] @ vg[..., ks, :].transpose(-1, -2)
+        dscores = probs * (dprobs - delta[..., qs, :]) * scale
+        dq[..., qs, :] += dscores @ kg[..., ks, :]
+        dk[..., ks, :] += (dscores.transpose(-1, -2) @ qg[..., qs, :]).sum(2, keepdim=True)
+    return _ungrouped(dq).float(), _ungrouped(dk).float(), _ungrouped(dv).float()

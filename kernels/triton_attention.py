@@ -1,0 +1,434 @@
+"""Tiled, IO-aware flash attention in Triton, with positions and an external LSE.
+
+Algorithm (FlashAttention-2, Dao 2023; Triton's fused-attention tutorial): each program owns a tile of
+BLOCK_M query rows, streams BLOCK_N-key tiles of K and V through on-chip memory and keeps an online
+softmax (running max ``m``, running sum ``l``, un-normalised output ``acc``) in float32. Scores are kept
+in base 2 (``qk_scale = softmax_scale * log2(e)``) so the inner loop uses ``exp2``; the stored LSE is
+natural-log. The seqlen x seqlen matrix never exists in memory.
+
+Positions: query row i is at ``q_offset + i * q_stride`` and key j at ``k_offset + j * k_stride``;
+the causal and window masks collapse into one band ``qp - below <= kp <= qp + above``
+(``positions.mask_band``). For each tile, ``_band_tiles`` returns the tiles of the other operand that
+the band reaches, split into a masked head, an unmasked middle and a masked tail: tiles outside the
+band are never visited, and only the boundary tiles pay for the mask.
+
+Backward (FlashAttention-2, section 3.2): ``delta = rowsum(dout * out)`` (``_bwd_preprocess``); one
+kernel per KV tile accumulates dK and dV over every query head of its GQA group and every query tile
+the band reaches (``_bwd_dkdv``, deterministic: no atomics); one kernel per query tile accumulates dQ
+(``_bwd_dq``). P = exp(S - lse) is recomputed with the LSE handed in, which in a ring is the *global*
+LSE of all steps, so the local gradients are exact without a merge. Rows with lse = -inf (no visible
+key) get P = 0.
+
+Run the tests under the interpreter on CPU:  TRITON_INTERPRET=1 pytest tests/test_kernels.py
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .positions import Positions
+
+LOG2E = math.log2(math.e)
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+# --------------------------------------------------------------------------------------------- tuning
+
+def _configs(block_m_options, block_n_options):
+    if INTERPRET:  # small tiles so that test-sized inputs still cross tile boundaries
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+        for bm in block_m_options for bn in block_n_options for warps in (4, 8) for stages in (2, 3, 4)
+    ]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Keep tiles that fit shared memory: large head dims get small tiles."""
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    limit = 64 if block_d >= 256 else 128
+    kept = [c for c in configs if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= limit]
+    return kept or configs[:1]
+
+
+_TUNE_KEY = ["seqlen_bucket", "BLOCK_D", "PRECISION"]
+_PRUNE = {"early_config_prune": _prune_configs}
+
+
+def _seqlen_bucket(n):
+    """Autotune once per power-of-two length bucket, not once per distinct length."""
+    return triton.next_power_of_2(max(n, 16))
+
+
+# ---------------------------------------------------------------------------------------- jit helpers
+
+@triton.jit
+def _ceil_div(a, b):
+    """ceil(a / b) for b > 0 and any sign of a (Triton's // truncates on GPU, floors in the interpreter)."""
+    return tl.where(a >= 0, (a + b - 1) // b, -((-a) // b))
+
+
+@triton.jit
+def _floor_div(a, b):
+    return tl.where(a >= 0, a // b, -((-a + b - 1) // b))
+
+
+@triton.jit
+def _band_tiles(a_first, a_last, b_offset, b_stride, b_len, below, above, BLOCK: tl.constexpr):
+    """Tiles of block b (BLOCK rows each) that positions [a_first, a_last] see through the band
+    ``a - below <= b <= a + above``. Returns (start, full_start, full_end, end): tiles in
+    [start, full_start) and [full_end, end) need the mask, tiles in [full_start, full_end) do not."""
+    lo = tl.maximum(_ceil_div(a_first - below - b_offset, b_stride), 0)
+    hi = tl.minimum(_floor_div(a_last + above - b_offset, b_stride) + 1, b_len)
+    hi = tl.maximum(hi, lo)
+    start = (lo // BLOCK) * BLOCK
+    end_tile = _ceil_div(hi, BLOCK) * BLOCK
+    full_lo = _ceil_div(a_last - below - b_offset, b_stride)
+    full_hi = tl.minimum(_floor_div(a_first + above - b_offset, b_stride) + 1, b_len)
+    full_start = tl.minimum(tl.maximum(_ceil_div(full_lo, BLOCK) * BLOCK, start), end_tile)
+    full_end = tl.minimum(tl.maximum(_floor_div(full_hi, BLOCK) * BLOCK, full_start), end_tile)
+    return start, full_start, full_end, hi
+
+
+@triton.jit
+def _load_rows(ptrs, rows, n_rows, cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr, N_COLS: tl.constexpr):
+    """Loads a (rows x cols) tile, masking only the dimensions that can run out of bounds."""
+    if CHECK_ROWS:
+        if CHECK_COLS:
+            return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < N_COLS), other=0.0)
+        return tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    if CHECK_COLS:
+        return tl.load(ptrs, mask=cols[None, :] < N_COLS, other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _band_mask(q_pos, k_pos, below, above):
+    diff = q_pos[:, None] - k_pos[None, :]
+    return (diff <= below) & (diff >= -above)
+
+
+# -------------------------------------------------------------------------------------------- forward
+
+@triton.jit
+def _fwd_inner(acc, row_max, row_sum, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+               q_pos, n_start, n_end, seqlen_k, k_offset, k_stride, below, above, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k_ptrs = K_head + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd
+        v_ptrs = V_head + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vd
+        k = _load_rows(k_ptrs, offs_n, seqlen_k, offs_d, MASKED, HEAD_DIM != BLOCK_D, HEAD_DIM)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
+        if MASKED:
+            visible = _band_mask(q_pos, k_offset + offs_n * k_stride, below, above) & (offs_n[None, :] < seqlen_k)
+            scores = tl.where(visible, scores, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(scores, 1))
+            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows with nothing visible yet
+        else:
+            new_max = tl.maximum(row_max, tl.max(scores, 1))
+            safe_max = new_max
+        probs = tl.math.exp2(scores - safe_max[:, None])
+        rescale = tl.math.exp2(row_max - safe_max)
+        row_sum = row_sum * rescale + tl.sum(probs, 1)
+        v = _load_rows(v_ptrs, offs_n, seqlen_k, offs_d, MASKED, HEAD_DIM != BLOCK_D, HEAD_DIM)
+        acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
+        row_max = new_max
+    return acc, row_max, row_sum
+
+
+@triton.autotune(configs=_configs((64, 128), (32, 64, 128)), key=_TUNE_KEY, prune_configs_by=_PRUNE)
+@triton.jit
+def _fwd_kernel(Q, K, V, Out, Lse,
+                stride_qb, stride_qm, stride_qh, stride_qd,
+                stride_kb, stride_kn, stride_kh, stride_kd,
+                stride_vb, stride_vn, stride_vh, stride_vd,
+                stride_ob, stride_om, stride_oh, stride_od,
+                stride_lb, stride_lh, stride_lm,
+                seqlen_q, seqlen_k, nheads, group,
+                q_offset, q_stride, k_offset, k_stride, below, above, qk_scale, seqlen_bucket,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    batch = tl.program_id(1) // nheads
+    head = tl.program_id(1) % nheads
+    kv_head = head // group
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    Q_head = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    K_head = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    V_head = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    q_ptrs = Q_head + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd
+    q = _load_rows(q_ptrs, offs_m, seqlen_q, offs_d, True, HEAD_DIM != BLOCK_D, HEAD_DIM)
+
+    q_first = q_offset + m0 * q_stride
+    q_last = q_offset + (tl.minimum(m0 + BLOCK_M, seqlen_q) - 1) * q_stride
+    start, full_start, full_end, end = _band_tiles(q_first, q_last, k_offset, k_stride, seqlen_k,
+                                                   below, above, BLOCK_N)
+    q_pos = q_offset + offs_m * q_stride
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    args = (K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, q_pos)
+    band = (seqlen_k, k_offset, k_stride, below, above, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N)
+    acc, row_max, row_sum = _fwd_inner(acc, row_max, row_sum, q, *args, start, full_start, *band, True, PRECISION)
+    acc, row_max, row_sum = _fwd_inner(acc, row_max, row_sum, q, *args, full_start, full_end, *band, False, PRECISION)
+    acc, row_max, row_sum = _fwd_inner(acc, row_max, row_sum, q, *args, full_end, end, *band, True, PRECISION)
+
+    empty = row_sum == 0.0  # no visible key: output 0, LSE -inf
+    out = acc / tl.where(empty, 1.0, row_sum)[:, None]
+    lse = tl.where(empty, float("-inf"), (row_max + tl.math.log2(row_sum)) / 1.4426950408889634)
+    o_ptrs = (Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+              + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
+    l_ptrs = Lse + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + offs_m * stride_lm
+    tl.store(l_ptrs, lse, mask=offs_m < seqlen_q)
+
+
+# ------------------------------------------------------------------------------------------- backward
+
+@triton.jit
+def _bwd_preprocess(Out, DOut, Delta,
+                    stride_ob, stride_om, stride_oh, stride_od,
+                    stride_db, stride_dm, stride_dh, stride_dd,
+                    seqlen_q, nheads,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta[b, h, i] = sum_d dout[b, i, h, d] * out[b, i, h, d], in float32."""
+    batch = tl.program_id(1) // nheads
+    head = tl.program_id(1) % nheads
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    rows = offs_m[:, None].to(tl.int64)
+    out = tl.load(Out + batch.to(tl.int64) * stride_ob + head * stride_oh + rows * stride_om + offs_d[None, :] * stride_od,
+                  mask=mask, other=0.0)
+    dout = tl.load(DOut + batch.to(tl.int64) * stride_db + head * stride_dh + rows * stride_dm + offs_d[None, :] * stride_dd,
+                   mask=mask, other=0.0)
+    delta = tl.sum(out.to(tl.float32) * dout.to(tl.float32), 1)
+    tl.store(Delta + (batch * nheads + head).to(tl.int64) * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _load_lse_base2(Lse_row, offs_m, stride_lm, seqlen_q, CHECK: tl.constexpr):
+    """LSE in base 2, with -inf (row saw no key) turned into +inf so that P = exp2(S - lse) = 0."""
+    if CHECK:
+        lse = tl.load(Lse_row + offs_m * stride_lm, mask=offs_m < seqlen_q, other=0.0)
+    else:
+        lse = tl.load(Lse_row + offs_m * stride_lm)
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row,
+                    stride_qm, stride_qd, stride_dom, stride_dod, stride_lm,
+                    k_pos, m_start, m_end, seqlen_q, q_offset, q_stride, below, above, qk_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        rows = offs_m[:, None].to(tl.int64)
+        q = _load_rows(Q_head + rows * stride_qm + offs_d[None, :] * stride_qd, offs_m, seqlen_q, offs_d,
+                       MASKED, HEAD_DIM != BLOCK_D, HEAD_DIM)
+        dout = _load_rows(DO_head + rows * stride_dom + offs_d[None, :] * stride_dod, offs_m, seqlen_q, offs_d,
+                          MASKED, HEAD_DIM != BLOCK_D, HEAD_DIM)
+        lse = _load_lse_base2(Lse_row, offs_m, stride_lm, seqlen_q, MASKED)
+        if MASKED:
+            delta = tl.load(Delta_row + offs_m, mask=offs_m < seqlen_q, other=0.0)
+        else:
+            delta = tl.load(Delta_row + offs_m)
+        scores_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        probs_t = tl.math.exp2(scores_t - lse[None, :])
+        if MASKED:
+            key_minus_query = k_pos[:, None] - (q_offset + offs_m * q_stride)[None, :]
+            visible_t = (key_minus_query <= above) & (key_minus_query >= -below) & (offs_m[None, :] < seqlen_q)
+            probs_t = tl.where(visible_t, probs_t, 0.0)
+        dv += tl.dot(probs_t.to(dout.dtype), dout, input_precision=PRECISION)
+        dprobs_t = tl.dot(v, tl.trans(dout), input_precision=PRECISION)
+        dscores_t = probs_t * (dprobs_t - delta[None, :])
+        dk += tl.dot(dscores_t.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.autotune(configs=_configs((32, 64), (64, 128)), key=_TUNE_KEY, prune_configs_by=_PRUNE)
+@triton.jit
+def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV,
+              stride_qb, stride_qm, stride_qh, stride_qd,
+              stride_kb, stride_kn, stride_kh, stride_kd,
+              stride_vb, stride_vn, stride_vh, stride_vd,
+              stride_dob, stride_dom, stride_doh, stride_dod,
+              stride_lb, stride_lh, stride_lm,
+              stride_dkb, stride_dkn, stride_dkh, stride_dkd,
+              stride_dvb, stride_dvn, stride_dvh, stride_dvd,
+              seqlen_q, seqlen_k, nheads, group,
+              q_offset, q_stride, k_offset, k_stride, below, above, qk_scale, softmax_scale, seqlen_bucket,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    nheads_kv = nheads // group
+    batch = tl.program_id(1) // nheads_kv
+    kv_head = tl.program_id(1) % nheads_kv
+    n0 = tl.program_id(0) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = offs_n[:, None].to(tl.int64)
+    K_head = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    V_head = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    k = _load_rows(K_head + rows * stride_kn + offs_d[None, :] * stride_kd, offs_n, seqlen_k, offs_d,
+                   True, HEAD_DIM != BLOCK_D, HEAD_DIM)
+    v = _load_rows(V_head + rows * stride_vn + offs_d[None, :] * stride_vd, offs_n, seqlen_k, offs_d,
+                   True, HEAD_DIM != BLOCK_D, HEAD_DIM)
+
+    # Seen from the keys, query qp is visible iff kp - above <= qp <= kp + below: the band mirrored.
+    k_first = k_offset + n0 * k_stride
+    k_last = k_offset + (tl.minimum(n0 + BLOCK_N, seqlen_k) - 1) * k_stride
+    start, full_start, full_end, end = _band_tiles(k_first, k_last, q_offset, q_stride, seqlen_q,
+                                                   above, below, BLOCK_M)
+    k_pos = k_offset + offs_n * k_stride
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(0, group):  # every query head that reads this KV head: a deterministic GQA sum
+        head = kv_head * group + g
+        Q_head = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+        DO_head = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+        Lse_row = Lse + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh
+        Delta_row = Delta + (batch * nheads + head).to(tl.int64) * seqlen_q
+        args = (Q_head, DO_head, Lse_row, Delta_row, stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, k_pos)
+        band = (seqlen_q, q_offset, q_stride, below, above, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, *args, start, full_start, *band, True, PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, *args, full_start, full_end, *band, False, PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, *args, full_end, end, *band, True, PRECISION)
+
+    mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+    dk_ptrs = (DK + batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh
+               + rows * stride_dkn + offs_d[None, :] * stride_dkd)
+    dv_ptrs = (DV + batch.to(tl.int64) * stride_dvb + kv_head.to(tl.int64) * stride_dvh
+               + rows * stride_dvn + offs_d[None, :] * stride_dvd)
+    tl.store(dk_ptrs, (dk * softmax_scale).to(DK.dtype.element_ty), mask=mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+                  q_pos, n_start, n_end, seqlen_k, k_offset, k_stride, below, above, qk_scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        rows = offs_n[:, None].to(tl.int64)
+        k = _load_rows(K_head + rows * stride_kn + offs_d[None, :] * stride_kd, offs_n, seqlen_k, offs_d,
+                       MASKED, HEAD_DIM != BLOCK_D, HEAD_DIM)
+        v = _load_rows(V_head + rows * stride_vn + offs_d[None, :] * stride_vd, offs_n, seqlen_k, offs_d,
+                       MASKED, HEAD_DIM != BLOCK_D, HEAD_DIM)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        probs = tl.math.exp2(scores - lse[:, None])
+        if MASKED:
+            visible = _band_mask(q_pos, k_offset + offs_n * k_stride, below, above) & (offs_n[None, :] < seqlen_k)
+            probs = tl.where(visible, probs, 0.0)
+        dprobs = tl.dot(dout, tl.trans(v), input_precision=PRECISION)
+        dscores = probs * (dprobs - delta[:, None])
+        dq += tl.dot(dscores.to(k.dtype), k, input_precision=PRECISION)
+    return dq
+
+
+@triton.autotune(configs=_configs((64, 128), (32, 64)), key=_TUNE_KEY, prune_configs_by=_PRUNE)
+@triton.jit
+def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ,
+            stride_qb, stride_qm, stride_qh, stride_qd,
+            stride_kb, stride_kn, stride_kh, stride_kd,
+            stride_vb, stride_vn, stride_vh, stride_vd,
+            stride_dob, stride_dom, stride_doh, stride_dod,
+            stride_lb, stride_lh, stride_lm,
+            stride_dqb, stride_dqm, stride_dqh, stride_dqd,
+            seqlen_q, seqlen_k, nheads, group,
+            q_offset, q_stride, k_offset, k_stride, below, above, qk_scale, softmax_scale, seqlen_bucket,
+            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    batch = tl.program_id(1) // nheads
+    head = tl.program_id(1) % nheads
+    kv_head = head // group
+    m0 = tl.program_id(0) * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = offs_m[:, None].to(tl.int64)
+    Q_head = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    DO_head = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+    K_head = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    V_head = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    q = _load_rows(Q_head + rows * stride_qm + offs_d[None, :] * stride_qd, offs_m, seqlen_q, offs_d,
+                   True, HEAD_DIM != BLOCK_D, HEAD_DIM)
+    dout = _load_rows(DO_head + rows * stride_dom + offs_d[None, :] * stride_dod, offs_m, seqlen_q, offs_d,
+                      True, HEAD_DIM != BLOCK_D, HEAD_DIM)
+    lse = _load_lse_base2(Lse + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh,
+                          offs_m, stride_lm, seqlen_q, True)
+    delta = tl.load(Delta + (batch * nheads + head).to(tl.int64) * seqlen_q + offs_m, mask=offs_m < seqlen_q, other=0.0)
+
+    q_first = q_offset + m0 * q_stride
+    q_last = q_offset + (tl.minimum(m0 + BLOCK_M, seqlen_q) - 1) * q_stride
+    start, full_start, full_end, end = _band_tiles(q_first, q_last, k_offset, k_stride, seqlen_k,
+                                                   below, above, BLOCK_N)
+    q_pos = q_offset + offs_m * q_stride
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    args = (K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, q_pos)
+    band = (seqlen_k, k_offset, k_stride, below, above, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N)
+    dq = _bwd_dq_inner(dq, q, dout, lse, delta, *args, start, full_start, *band, True, PRECISION)
+    dq = _bwd_dq_inner(dq, q, dout, lse, delta, *args, full_start, full_end, *band, False, PRECISION)
+    dq = _bwd_dq_inner(dq, q, dout, lse, delta, *args, full_end, end, *band, True, PRECISION)
+
+    dq_ptrs = (DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh
+               + rows * stride_dqm + offs_d[None, :] * stride_dqd)
+    tl.store(dq_ptrs, (dq * softmax_scale).to(DQ.dtype.element_ty),
+             mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
+
+
+# ------------------------------------------------------------------------------------------ launchers
+
+def _meta(q, k):
+    headdim = q.shape[-1]
+    return dict(HEAD_DIM=headdim, BLOCK_D=max(16, triton.next_power_of_2(headdim)),
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def forward(q, k, v, scale, qpos: Positions, kpos: Positions, below, above, out_dtype):
+    batch, seqlen_q, nheads, _ = q.shape
+    seqlen_k, nheads_kv = k.shape[1], k.shape[2]
+    out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
+    lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
+    grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads)  # noqa: E731
+    _fwd_kernel[grid](
+        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        seqlen_q, seqlen_k, nheads, nheads // nheads_kv,
+        qpos.offset, qpos.stride, kpos.offset, kpos.stride, below, above, scale * LOG2E,
+        _seqlen_bucket(max(seqlen_q, seqlen_k)), **_meta(q, k))
+    return out, lse
+
+
+def backward(dout, q, k, v, out, lse, scale, qpos: Positions, kpos: Positions, below, above):
+    """dq, dk, dv in float32."""
+    batch, seqlen_q, nheads, headdim = q.shape
+    seqlen_k, nheads_kv = k.shape[1], k.shape[2]
+    meta = _meta(q, k)
+    delta = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
+    _bwd_preprocess[(triton.cdiv(seqlen_q, 64), batch * nheads)](
+        out, dout, delta, *out.stride(), *dout.stride(), seqlen_q, nheads,
+        HEAD_DIM=headdim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=64)
+    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)
+    dv = torch.empty(v.shape, dtype=torch.float32, device=q.device)
+    common = (seqlen_q, seqlen_k, nheads, nheads // nheads_kv,
+              qpos.offset, qpos.stride, kpos.offset, kpos.stride, below, above, scale * LOG2E, scale,
+              _seqlen_bucket(max(seqlen_q, seqlen_k)))
+    strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride())
+    _bwd_dkdv[lambda m: (triton.cdiv(seqlen_k, m["BLOCK_N"]), batch * nheads_kv)](
+        q, k, v, dout, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(), *common, **meta)
+    _bwd_dq[lambda m: (triton.cdiv(seqlen_q, m["BLOCK_M"]), batch * nheads)](
+        q, k, v, dout, lse, delta, dq, *strides, *dq.stride(), *common, **meta)
+    return dq, dk, dv
