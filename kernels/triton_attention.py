@@ -41,7 +41,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on
 
 def _configs(block_m_options, block_n_options):
     if INTERPRET:  # small tiles so that test-sized inputs still cross tile boundaries
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
         for bm in block_m_options for bn in block_n_options for warps in (4, 8) for stages in (2, 3, 4)
@@ -108,6 +108,27 @@ def _load_rows(ptrs, rows, n_rows, cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: t
 
 
 @triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    """tl.dot with fp32 accumulation. "emulate-bf16": Triton's interpreter multiplies bfloat16 bit
+    patterns as integers, so on CPU the operands are upcast first; bf16 products are exact in fp32,
+    which is what a tensor core computes too."""
+    if PRECISION == "emulate-bf16":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _to_operand(x, dtype: tl.constexpr, PRECISION: tl.constexpr):
+    """x.to(dtype) before a dot. Under "emulate-bf16" the float32 -> bfloat16 rounding is done on the
+    bits (to nearest even, as a GPU does): Triton's interpreter truncates instead."""
+    if PRECISION == "emulate-bf16":
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _band_mask(q_pos, k_pos, below, above):
     diff = q_pos[:, None] - k_pos[None, :]
     return (diff <= below) & (diff >= -above)
@@ -126,7 +147,7 @@ def _fwd_inner(acc, row_max, row_sum, q, K_head, V_head, stride_kn, stride_kd, s
         k_ptrs = K_head + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd
         v_ptrs = V_head + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vd
         k = _load_rows(k_ptrs, offs_n, seqlen_k, offs_d, MASKED, HEAD_DIM != BLOCK_D, HEAD_DIM)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
+        scores = _dot(q, tl.trans(k), PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
         if MASKED:
             visible = _band_mask(q_pos, k_offset + offs_n * k_stride, below, above) & (offs_n[None, :] < seqlen_k)
             scores = tl.where(visible, scores, float("-inf"))
@@ -139,7 +160,7 @@ def _fwd_inner(acc, row_max, row_sum, q, K_head, V_head, stride_kn, stride_kd, s
         rescale = tl.math.exp2(row_max - safe_max)
         row_sum = row_sum * rescale + tl.sum(probs, 1)
         v = _load_rows(v_ptrs, offs_n, seqlen_k, offs_d, MASKED, HEAD_DIM != BLOCK_D, HEAD_DIM)
-        acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * rescale[:, None] + _dot(_to_operand(probs, v.dtype, PRECISION), v, PRECISION)
         row_max = new_max
     return acc, row_max, row_sum
 
@@ -245,16 +266,16 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row,
             delta = tl.load(Delta_row + offs_m, mask=offs_m < seqlen_q, other=0.0)
         else:
             delta = tl.load(Delta_row + offs_m)
-        scores_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        scores_t = _dot(k, tl.trans(q), PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         probs_t = tl.math.exp2(scores_t - lse[None, :])
         if MASKED:
             key_minus_query = k_pos[:, None] - (q_offset + offs_m * q_stride)[None, :]
             visible_t = (key_minus_query <= above) & (key_minus_query >= -below) & (offs_m[None, :] < seqlen_q)
             probs_t = tl.where(visible_t, probs_t, 0.0)
-        dv += tl.dot(probs_t.to(dout.dtype), dout, input_precision=PRECISION)
-        dprobs_t = tl.dot(v, tl.trans(dout), input_precision=PRECISION)
+        dv += _dot(_to_operand(probs_t, dout.dtype, PRECISION), dout, PRECISION)
+        dprobs_t = _dot(v, tl.trans(dout), PRECISION)
         dscores_t = probs_t * (dprobs_t - delta[None, :])
-        dk += tl.dot(dscores_t.to(q.dtype), q, input_precision=PRECISION)
+        dk += _dot(_to_operand(dscores_t, q.dtype, PRECISION), q, PRECISION)
     return dk, dv
 
 
@@ -328,14 +349,14 @@ def _bwd_dq_inner(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd,
                        MASKED, HEAD_DIM != BLOCK_D, HEAD_DIM)
         v = _load_rows(V_head + rows * stride_vn + offs_d[None, :] * stride_vd, offs_n, seqlen_k, offs_d,
                        MASKED, HEAD_DIM != BLOCK_D, HEAD_DIM)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        scores = _dot(q, tl.trans(k), PRECISION) * qk_scale
         probs = tl.math.exp2(scores - lse[:, None])
         if MASKED:
             visible = _band_mask(q_pos, k_offset + offs_n * k_stride, below, above) & (offs_n[None, :] < seqlen_k)
             probs = tl.where(visible, probs, 0.0)
-        dprobs = tl.dot(dout, tl.trans(v), input_precision=PRECISION)
+        dprobs = _dot(dout, tl.trans(v), PRECISION)
         dscores = probs * (dprobs - delta[:, None])
-        dq += tl.dot(dscores.to(k.dtype), k, input_precision=PRECISION)
+        dq += _dot(_to_operand(dscores, k.dtype, PRECISION), k, PRECISION)
     return dq
 
 
@@ -391,16 +412,24 @@ def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ,
 
 # ------------------------------------------------------------------------------------------ launchers
 
+def _dot_precision(dtype):
+    if dtype == torch.float32:
+        return "ieee"  # not tf32: the fp32 path is the accurate one
+    return "emulate-bf16" if INTERPRET and dtype == torch.bfloat16 else "tf32"
+
+
 def _meta(q, k):
     headdim = q.shape[-1]
     return dict(HEAD_DIM=headdim, BLOCK_D=max(16, triton.next_power_of_2(headdim)),
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                PRECISION=_dot_precision(q.dtype))
 
 
 def forward(q, k, v, scale, qpos: Positions, kpos: Positions, below, above, out_dtype):
     batch, seqlen_q, nheads, _ = q.shape
     seqlen_k, nheads_kv = k.shape[1], k.shape[2]
-    out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
+    # The interpreter truncates float32 -> bfloat16 in stores; let torch round the result instead.
+    kernel_dtype = torch.float32 if INTERPRET and out_dtype == torch.bfloat16 else out_dtype
+    out = torch.empty(q.shape, dtype=kernel_dtype, device=q.device)
     lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
     grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads)  # noqa: E731
     _fwd_kernel[grid](
@@ -408,7 +437,7 @@ def forward(q, k, v, scale, qpos: Positions, kpos: Positions, below, above, out_
         seqlen_q, seqlen_k, nheads, nheads // nheads_kv,
         qpos.offset, qpos.stride, kpos.offset, kpos.stride, below, above, scale * LOG2E,
         _seqlen_bucket(max(seqlen_q, seqlen_k)), **_meta(q, k))
-    return out, lse
+    return out.to(out_dtype), lse
 
 
 def backward(dout, q, k, v, out, lse, scale, qpos: Positions, kpos: Positions, below, above):
