@@ -206,7 +206,7 @@ def _fwd_kernel(Q, K, V, Out, Lse,
 
     empty = row_sum == 0.0  # no visible key: output 0, LSE -inf
     out = acc / tl.where(empty, 1.0, row_sum)[:, None]
-    lse = tl.where(empty, float("-inf"), (row_max + tl.math.log2(row_sum)) / 1.4426950408889634)
+    lse = tl.where(empty, float("-inf"), (row_max + tl.math.log2(tl.where(empty, 1.0, row_sum))) / 1.4426950408889634)
     o_ptrs = (Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
               + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
