@@ -39,25 +39,33 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on
 
 # --------------------------------------------------------------------------------------------- tuning
 
-def _configs(block_m_options, block_n_options):
-    if INTERPRET:  # small tiles so that test-sized inputs still cross tile boundaries
+# The float32 ("ieee") path is the accurate one, not the fast one: its FMA-based dots compile slowly
+# (tens of seconds per config at headdim 256), so it gets one small tile instead of a search.
+_IEEE_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)
+
+
+def _configs(tile_shapes):
+    """Autotune space for 16-bit inputs: (BLOCK_M, BLOCK_N) x warps x pipeline stages."""
+    if INTERPRET:  # one config (no timing runs); 32-wide so that test-sized inputs cross tile boundaries
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-        for bm in block_m_options for bn in block_n_options for warps in (4, 8) for stages in (2, 3, 4)
-    ]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+            for bm, bn in tile_shapes for warps in (4, 8) for stages in (2, 3)]
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Keep tiles that fit shared memory: large head dims get small tiles."""
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    limit = 64 if block_d >= 256 else 128
+    """float32 gets _IEEE_CONFIG; headdim 256 gets tiles of at most 64 rows (shared memory)."""
+    meta = {**named_args, **kwargs}
+    if meta["PRECISION"] == "ieee":
+        return [_IEEE_CONFIG]
+    limit = 64 if meta["BLOCK_D"] >= 256 else 128
     kept = [c for c in configs if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= limit]
     return kept or configs[:1]
 
 
 _TUNE_KEY = ["seqlen_bucket", "BLOCK_D", "PRECISION"]
 _PRUNE = {"early_config_prune": _prune_configs}
+# Positions and lengths change from ring step to ring step: do not compile a variant per value class.
+_NO_SPECIALIZE = ["seqlen_q", "seqlen_k", "q_offset", "k_offset", "below", "above", "seqlen_bucket"]
 
 
 def _seqlen_bucket(n):
@@ -165,8 +173,8 @@ def _fwd_inner(acc, row_max, row_sum, q, K_head, V_head, stride_kn, stride_kd, s
     return acc, row_max, row_sum
 
 
-@triton.autotune(configs=_configs((64, 128), (32, 64, 128)), key=_TUNE_KEY, prune_configs_by=_PRUNE)
-@triton.jit
+@triton.autotune(configs=_configs([(64, 32), (64, 64), (128, 64), (128, 128)]), key=_TUNE_KEY, prune_configs_by=_PRUNE)
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _fwd_kernel(Q, K, V, Out, Lse,
                 stride_qb, stride_qm, stride_qh, stride_qd,
                 stride_kb, stride_kn, stride_kh, stride_kd,
@@ -198,11 +206,16 @@ def _fwd_kernel(Q, K, V, Out, Lse,
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    args = (K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, q_pos)
-    band = (seqlen_k, k_offset, k_stride, below, above, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N)
-    acc, row_max, row_sum = _fwd_inner(acc, row_max, row_sum, q, *args, start, full_start, *band, True, PRECISION)
-    acc, row_max, row_sum = _fwd_inner(acc, row_max, row_sum, q, *args, full_start, full_end, *band, False, PRECISION)
-    acc, row_max, row_sum = _fwd_inner(acc, row_max, row_sum, q, *args, full_end, end, *band, True, PRECISION)
+    # masked head, unmasked middle, masked tail (see _band_tiles)
+    acc, row_max, row_sum = _fwd_inner(acc, row_max, row_sum, q, K_head, V_head, stride_kn, stride_kd, stride_vn,
+                                       stride_vd, q_pos, start, full_start, seqlen_k, k_offset, k_stride, below,
+                                       above, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, PRECISION)
+    acc, row_max, row_sum = _fwd_inner(acc, row_max, row_sum, q, K_head, V_head, stride_kn, stride_kd, stride_vn,
+                                       stride_vd, q_pos, full_start, full_end, seqlen_k, k_offset, k_stride, below,
+                                       above, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, PRECISION)
+    acc, row_max, row_sum = _fwd_inner(acc, row_max, row_sum, q, K_head, V_head, stride_kn, stride_kd, stride_vn,
+                                       stride_vd, q_pos, full_end, end, seqlen_k, k_offset, k_stride, below,
+                                       above, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, PRECISION)
 
     empty = row_sum == 0.0  # no visible key: output 0, LSE -inf
     out = acc / tl.where(empty, 1.0, row_sum)[:, None]
@@ -279,8 +292,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row,
     return dk, dv
 
 
-@triton.autotune(configs=_configs((32, 64), (64, 128)), key=_TUNE_KEY, prune_configs_by=_PRUNE)
-@triton.jit
+@triton.autotune(configs=_configs([(32, 64), (64, 64), (32, 128), (64, 128)]), key=_TUNE_KEY, prune_configs_by=_PRUNE)
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV,
               stride_qb, stride_qm, stride_qh, stride_qd,
               stride_kb, stride_kn, stride_kh, stride_kd,
@@ -321,11 +334,15 @@ def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV,
         DO_head = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
         Lse_row = Lse + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh
         Delta_row = Delta + (batch * nheads + head).to(tl.int64) * seqlen_q
-        args = (Q_head, DO_head, Lse_row, Delta_row, stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, k_pos)
-        band = (seqlen_q, q_offset, q_stride, below, above, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, *args, start, full_start, *band, True, PRECISION)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, *args, full_start, full_end, *band, False, PRECISION)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, *args, full_end, end, *band, True, PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, stride_qm, stride_qd,
+                                 stride_dom, stride_dod, stride_lm, k_pos, start, full_start, seqlen_q, q_offset,
+                                 q_stride, below, above, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, stride_qm, stride_qd,
+                                 stride_dom, stride_dod, stride_lm, k_pos, full_start, full_end, seqlen_q, q_offset,
+                                 q_stride, below, above, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, stride_qm, stride_qd,
+                                 stride_dom, stride_dod, stride_lm, k_pos, full_end, end, seqlen_q, q_offset,
+                                 q_stride, below, above, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, PRECISION)
 
     mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
     dk_ptrs = (DK + batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh
@@ -360,8 +377,8 @@ def _bwd_dq_inner(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd,
     return dq
 
 
-@triton.autotune(configs=_configs((64, 128), (32, 64)), key=_TUNE_KEY, prune_configs_by=_PRUNE)
-@triton.jit
+@triton.autotune(configs=_configs([(64, 32), (64, 64), (128, 32), (128, 64)]), key=_TUNE_KEY, prune_configs_by=_PRUNE)
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ,
             stride_qb, stride_qm, stride_qh, stride_qd,
             stride_kb, stride_kn, stride_kh, stride_kd,
@@ -398,11 +415,15 @@ def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ,
                                                    below, above, BLOCK_N)
     q_pos = q_offset + offs_m * q_stride
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    args = (K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, q_pos)
-    band = (seqlen_k, k_offset, k_stride, below, above, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N)
-    dq = _bwd_dq_inner(dq, q, dout, lse, delta, *args, start, full_start, *band, True, PRECISION)
-    dq = _bwd_dq_inner(dq, q, dout, lse, delta, *args, full_start, full_end, *band, False, PRECISION)
-    dq = _bwd_dq_inner(dq, q, dout, lse, delta, *args, full_end, end, *band, True, PRECISION)
+    dq = _bwd_dq_inner(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, q_pos,
+                       start, full_start, seqlen_k, k_offset, k_stride, below, above, qk_scale,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, True, PRECISION)
+    dq = _bwd_dq_inner(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, q_pos,
+                       full_start, full_end, seqlen_k, k_offset, k_stride, below, above, qk_scale,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, False, PRECISION)
+    dq = _bwd_dq_inner(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, q_pos,
+                       full_end, end, seqlen_k, k_offset, k_stride, below, above, qk_scale,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, True, PRECISION)
 
     dq_ptrs = (DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh
                + rows * stride_dqm + offs_d[None, :] * stride_dqd)

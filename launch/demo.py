@@ -84,13 +84,15 @@ def run_case(cfg: DemoConfig, backend: str, device: torch.device, seqlen: int, c
     k, v = (torch.randn(cfg.batch, seqlen, cfg.kv_heads, cfg.headdim, generator=gen) for _ in range(2))
     dout = torch.randn(q.shape, generator=gen)
     q, k, v = (x.to(device, dtype).requires_grad_() for x in (q, k, v))
-    flash_attn_func(q, k, v, causal=causal, backend=backend)  # warm-up (compiles on CUDA)
+    dout = dout.to(device, dtype)
+    warm_up = flash_attn_func(q, k, v, causal=causal, backend=backend)  # compiles on CUDA, starts autograd threads
+    torch.autograd.grad(warm_up, (q, k, v), dout)
     out, fwd_s = timed(lambda: flash_attn_func(q, k, v, causal=causal, backend=backend))
-    grads, bwd_s = timed(lambda: torch.autograd.grad(out, (q, k, v), dout.to(device, dtype)))
+    grads, bwd_s = timed(lambda: torch.autograd.grad(out, (q, k, v), dout))
 
     q64, k64, v64 = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
     ref_out, _ = attention_reference(q64, k64, v64, causal=causal)
-    ref_grads = torch.autograd.grad(ref_out, (q64, k64, v64), dout.double())
+    ref_grads = torch.autograd.grad(ref_out, (q64, k64, v64), dout.cpu().double())
     errors = [(a.detach().cpu().double() - b).abs().max().item() for a, b in zip((out, *grads), (ref_out, *ref_grads))]
     fwd_tol, grad_tol = TOLERANCE[dtype]
     ok = errors[0] <= fwd_tol and max(errors[1:]) <= grad_tol
