@@ -76,14 +76,16 @@ def _seqlen_bucket(n):
 # ---------------------------------------------------------------------------------------- jit helpers
 
 @triton.jit
-def _ceil_div(a, b):
-    """ceil(a / b) for b > 0 and any sign of a (Triton's // truncates on GPU, floors in the interpreter)."""
-    return tl.where(a >= 0, (a + b - 1) // b, -((-a) // b))
+def _first_index_from(pos, offset, stride):
+    """Smallest index i >= 0 with ``offset + i * stride >= pos``. Only non-negative numbers are divided,
+    so GPU (truncating) and interpreter (flooring) integer division agree."""
+    return (tl.maximum(pos - offset, 0) + stride - 1) // stride
 
 
 @triton.jit
-def _floor_div(a, b):
-    return tl.where(a >= 0, a // b, -((-a + b - 1) // b))
+def _count_indices_through(pos, offset, stride):
+    """Number of indices i >= 0 with ``offset + i * stride <= pos``."""
+    return (tl.maximum(pos - offset, -1) + stride) // stride
 
 
 @triton.jit
@@ -91,15 +93,16 @@ def _band_tiles(a_first, a_last, b_offset, b_stride, b_len, below, above, BLOCK:
     """Tiles of block b (BLOCK rows each) that positions [a_first, a_last] see through the band
     ``a - below <= b <= a + above``. Returns (start, full_start, full_end, end): tiles in
     [start, full_start) and [full_end, end) need the mask, tiles in [full_start, full_end) do not."""
-    lo = tl.maximum(_ceil_div(a_first - below - b_offset, b_stride), 0)
-    hi = tl.minimum(_floor_div(a_last + above - b_offset, b_stride) + 1, b_len)
-    hi = tl.maximum(hi, lo)
+    lo = _first_index_from(a_first - below, b_offset, b_stride)
+    hi = tl.maximum(tl.minimum(_count_indices_through(a_last + above, b_offset, b_stride), b_len), lo)
     start = (lo // BLOCK) * BLOCK
-    end_tile = _ceil_div(hi, BLOCK) * BLOCK
-    full_lo = _ceil_div(a_last - below - b_offset, b_stride)
-    full_hi = tl.minimum(_floor_div(a_first + above - b_offset, b_stride) + 1, b_len)
-    full_start = tl.minimum(tl.maximum(_ceil_div(full_lo, BLOCK) * BLOCK, start), end_tile)
-    full_end = tl.minimum(tl.maximum(_floor_div(full_hi, BLOCK) * BLOCK, full_start), end_tile)
+    end_tile = (hi + BLOCK - 1) // BLOCK * BLOCK
+    # a tile is fully visible when its first key is visible from the last query and its last key
+    # from the first query, and it lies inside the block
+    full_lo = _first_index_from(a_last - below, b_offset, b_stride)
+    full_hi = tl.minimum(_count_indices_through(a_first + above, b_offset, b_stride), b_len)
+    full_start = tl.minimum(tl.maximum((full_lo + BLOCK - 1) // BLOCK * BLOCK, start), end_tile)
+    full_end = tl.minimum(tl.maximum(full_hi // BLOCK * BLOCK, full_start), end_tile)
     return start, full_start, full_end, hi
 
 

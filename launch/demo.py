@@ -63,7 +63,10 @@ def parse_args(argv=None) -> DemoConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for field in dataclasses.fields(DemoConfig):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
-    return DemoConfig(**vars(parser.parse_args(argv)))
+    try:
+        return DemoConfig(**vars(parser.parse_args(argv)))
+    except ValueError as error:
+        parser.error(str(error))  # one line on stderr, exit code 2
 
 
 def timed(fn):
