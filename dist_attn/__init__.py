@@ -1,9 +1,11 @@
 """Exact attention over sequences sharded across the ranks of a process group (ring attention).
 
-The distributed layer (layouts, ring communication, merge, ring autograd) builds on ``kernels``;
-see shared/DESIGN.md. For now this package only re-exports the single-device kernel.
+``shard``/``gather`` place a sequence on the ranks (layouts "contiguous", "zigzag", "striped");
+``ring_attention`` runs attention over the whole sequence with each rank holding its part. See
+shared/DESIGN.md for the design; ``kernels`` holds the single-device kernel every ring step runs.
 """
 
-from kernels import attention_reference, flash_attn_func
+from .layouts import LAYOUTS, gather, global_positions, shard
+from .ring import ring_attention
 
-__all__ = ["attention_reference", "flash_attn_func"]
+__all__ = ["LAYOUTS", "gather", "global_positions", "ring_attention", "shard"]

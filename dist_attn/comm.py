@@ -1,0 +1,48 @@
+"""The ring: who sends to whom, and one double-buffered transfer in flight.
+
+Each step a rank sends the block it holds to the next rank and receives the previous rank's block.
+``send_recv`` only *starts* the transfer (``torch.distributed.batch_isend_irecv``); the caller computes
+on the block it holds and calls ``wait`` when it needs the received one, so step s+1's transfer
+overlaps step s's compute. NCCL for CUDA tensors, gloo for CPU tensors (whatever backend the group has).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class RingComm:
+    """Peers of this rank in ``group`` and at most one pending send/recv pair.
+
+    ``tag`` keeps two rings between the same peers apart on backends that match messages by tag
+    (gloo); the backward pass runs one ring for K/V and one for the dK/dV accumulators.
+    """
+
+    def __init__(self, group=None, tag=0):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        ranks_of = group if group is not None else dist.group.WORLD
+        self.next_rank = dist.get_global_rank(ranks_of, (self.rank + 1) % self.world_size)
+        self.prev_rank = dist.get_global_rank(ranks_of, (self.rank - 1) % self.world_size)
+        self.tag = tag
+        self.bytes_sent = 0
+        self._pending = []
+
+    def send_recv(self, send, recv=None):
+        """Starts sending ``send`` to the next rank and receiving a tensor of the same shape from the
+        previous one into ``recv`` (allocated when None); returns ``recv``, valid after ``wait()``."""
+        if self._pending:
+            raise RuntimeError("RingComm.send_recv called with a transfer still pending; call wait() first")
+        recv = torch.empty_like(send) if recv is None else recv
+        ops = [dist.P2POp(dist.isend, send, self.next_rank, self.group, self.tag),
+               dist.P2POp(dist.irecv, recv, self.prev_rank, self.group, self.tag)]
+        self._pending = dist.batch_isend_irecv(ops)
+        self.bytes_sent += send.numel() * send.element_size()
+        return recv
+
+    def wait(self):
+        for request in self._pending:
+            request.wait()
+        self._pending = []
