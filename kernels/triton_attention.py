@@ -107,15 +107,27 @@ def _band_tiles(a_first, a_last, b_offset, b_stride, b_len, below, above, BLOCK:
 
 
 @triton.jit
-def _load_rows(ptrs, rows, n_rows, cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr, N_COLS: tl.constexpr):
-    """Loads a (rows x cols) tile, masking only the dimensions that can run out of bounds."""
+def _load_tile(Head, rows, stride_row, stride_d, n_rows, CHECK_ROWS: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Loads rows ``rows`` (x BLOCK_D columns) of one head, masking only what can be out of bounds:
+    rows past ``n_rows`` when CHECK_ROWS, columns past HEAD_DIM when the head dim was padded."""
+    offs_d = tl.arange(0, BLOCK_D)
+    ptrs = Head + rows[:, None].to(tl.int64) * stride_row + offs_d[None, :] * stride_d
     if CHECK_ROWS:
-        if CHECK_COLS:
-            return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < N_COLS), other=0.0)
+        if HEAD_DIM != BLOCK_D:
+            return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
         return tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
-    if CHECK_COLS:
-        return tl.load(ptrs, mask=cols[None, :] < N_COLS, other=0.0)
+    if HEAD_DIM != BLOCK_D:
+        return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
     return tl.load(ptrs)
+
+
+@triton.jit
+def _store_tile(Head, rows, stride_row, stride_d, n_rows, value, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Stores ``value`` (rows x BLOCK_D) into rows ``rows`` of one head, in the pointer's dtype."""
+    offs_d = tl.arange(0, BLOCK_D)
+    ptrs = Head + rows[:, None].to(tl.int64) * stride_row + offs_d[None, :] * stride_d
+    tl.store(ptrs, value.to(Head.dtype.element_ty), mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
 
 
 @triton.jit
@@ -152,12 +164,9 @@ def _fwd_inner(acc, row_max, row_sum, q, K_head, V_head, stride_kn, stride_kd, s
                q_pos, n_start, n_end, seqlen_k, k_offset, k_stride, below, above, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_D)
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k_ptrs = K_head + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd
-        v_ptrs = V_head + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vd
-        k = _load_rows(k_ptrs, offs_n, seqlen_k, offs_d, MASKED, HEAD_DIM != BLOCK_D, HEAD_DIM)
+        k = _load_tile(K_head, offs_n, stride_kn, stride_kd, seqlen_k, MASKED, HEAD_DIM, BLOCK_D)
         scores = _dot(q, tl.trans(k), PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
         if MASKED:
             visible = _band_mask(q_pos, k_offset + offs_n * k_stride, below, above) & (offs_n[None, :] < seqlen_k)
@@ -170,7 +179,7 @@ def _fwd_inner(acc, row_max, row_sum, q, K_head, V_head, stride_kn, stride_kd, s
         probs = tl.math.exp2(scores - safe_max[:, None])
         rescale = tl.math.exp2(row_max - safe_max)
         row_sum = row_sum * rescale + tl.sum(probs, 1)
-        v = _load_rows(v_ptrs, offs_n, seqlen_k, offs_d, MASKED, HEAD_DIM != BLOCK_D, HEAD_DIM)
+        v = _load_tile(V_head, offs_n, stride_vn, stride_vd, seqlen_k, MASKED, HEAD_DIM, BLOCK_D)
         acc = acc * rescale[:, None] + _dot(_to_operand(probs, v.dtype, PRECISION), v, PRECISION)
         row_max = new_max
     return acc, row_max, row_sum
@@ -194,12 +203,10 @@ def _fwd_kernel(Q, K, V, Out, Lse,
     kv_head = head // group
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     Q_head = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
     K_head = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     V_head = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-    q_ptrs = Q_head + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd
-    q = _load_rows(q_ptrs, offs_m, seqlen_q, offs_d, True, HEAD_DIM != BLOCK_D, HEAD_DIM)
+    q = _load_tile(Q_head, offs_m, stride_qm, stride_qd, seqlen_q, True, HEAD_DIM, BLOCK_D)
 
     q_first = q_offset + m0 * q_stride
     q_last = q_offset + (tl.minimum(m0 + BLOCK_M, seqlen_q) - 1) * q_stride
@@ -223,9 +230,8 @@ def _fwd_kernel(Q, K, V, Out, Lse,
     empty = row_sum == 0.0  # no visible key: output 0, LSE -inf
     out = acc / tl.where(empty, 1.0, row_sum)[:, None]
     lse = tl.where(empty, float("-inf"), (row_max + tl.math.log2(tl.where(empty, 1.0, row_sum))) / 1.4426950408889634)
-    o_ptrs = (Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
-              + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od)
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
+    _store_tile(Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh, offs_m, stride_om, stride_od,
+                seqlen_q, out, HEAD_DIM, BLOCK_D)
     l_ptrs = Lse + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + offs_m * stride_lm
     tl.store(l_ptrs, lse, mask=offs_m < seqlen_q)
 
@@ -242,13 +248,10 @@ def _bwd_preprocess(Out, DOut, Delta,
     batch = tl.program_id(1) // nheads
     head = tl.program_id(1) % nheads
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-    rows = offs_m[:, None].to(tl.int64)
-    out = tl.load(Out + batch.to(tl.int64) * stride_ob + head * stride_oh + rows * stride_om + offs_d[None, :] * stride_od,
-                  mask=mask, other=0.0)
-    dout = tl.load(DOut + batch.to(tl.int64) * stride_db + head * stride_dh + rows * stride_dm + offs_d[None, :] * stride_dd,
-                   mask=mask, other=0.0)
+    out = _load_tile(Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh, offs_m, stride_om,
+                     stride_od, seqlen_q, True, HEAD_DIM, BLOCK_D)
+    dout = _load_tile(DOut + batch.to(tl.int64) * stride_db + head.to(tl.int64) * stride_dh, offs_m, stride_dm,
+                      stride_dd, seqlen_q, True, HEAD_DIM, BLOCK_D)
     delta = tl.sum(out.to(tl.float32) * dout.to(tl.float32), 1)
     tl.store(Delta + (batch * nheads + head).to(tl.int64) * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
 
@@ -269,14 +272,10 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row,
                     k_pos, m_start, m_end, seqlen_q, q_offset, q_stride, below, above, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                     MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_D)
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        rows = offs_m[:, None].to(tl.int64)
-        q = _load_rows(Q_head + rows * stride_qm + offs_d[None, :] * stride_qd, offs_m, seqlen_q, offs_d,
-                       MASKED, HEAD_DIM != BLOCK_D, HEAD_DIM)
-        dout = _load_rows(DO_head + rows * stride_dom + offs_d[None, :] * stride_dod, offs_m, seqlen_q, offs_d,
-                          MASKED, HEAD_DIM != BLOCK_D, HEAD_DIM)
+        q = _load_tile(Q_head, offs_m, stride_qm, stride_qd, seqlen_q, MASKED, HEAD_DIM, BLOCK_D)
+        dout = _load_tile(DO_head, offs_m, stride_dom, stride_dod, seqlen_q, MASKED, HEAD_DIM, BLOCK_D)
         lse = _load_lse_base2(Lse_row, offs_m, stride_lm, seqlen_q, MASKED)
         if MASKED:
             delta = tl.load(Delta_row + offs_m, mask=offs_m < seqlen_q, other=0.0)
@@ -285,8 +284,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row,
         scores_t = _dot(k, tl.trans(q), PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         probs_t = tl.math.exp2(scores_t - lse[None, :])
         if MASKED:
-            key_minus_query = k_pos[:, None] - (q_offset + offs_m * q_stride)[None, :]
-            visible_t = (key_minus_query <= above) & (key_minus_query >= -below) & (offs_m[None, :] < seqlen_q)
+            # (keys x queries): kp - above <= qp <= kp + below is the band seen from the keys
+            visible_t = _band_mask(k_pos, q_offset + offs_m * q_stride, above, below) & (offs_m[None, :] < seqlen_q)
             probs_t = tl.where(visible_t, probs_t, 0.0)
         dv += _dot(_to_operand(probs_t, dout.dtype, PRECISION), dout, PRECISION)
         dprobs_t = _dot(v, tl.trans(dout), PRECISION)
@@ -314,14 +313,10 @@ def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV,
     kv_head = tl.program_id(1) % nheads_kv
     n0 = tl.program_id(0) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    rows = offs_n[:, None].to(tl.int64)
     K_head = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     V_head = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-    k = _load_rows(K_head + rows * stride_kn + offs_d[None, :] * stride_kd, offs_n, seqlen_k, offs_d,
-                   True, HEAD_DIM != BLOCK_D, HEAD_DIM)
-    v = _load_rows(V_head + rows * stride_vn + offs_d[None, :] * stride_vd, offs_n, seqlen_k, offs_d,
-                   True, HEAD_DIM != BLOCK_D, HEAD_DIM)
+    k = _load_tile(K_head, offs_n, stride_kn, stride_kd, seqlen_k, True, HEAD_DIM, BLOCK_D)
+    v = _load_tile(V_head, offs_n, stride_vn, stride_vd, seqlen_k, True, HEAD_DIM, BLOCK_D)
 
     # Seen from the keys, query qp is visible iff kp - above <= qp <= kp + below: the band mirrored.
     k_first = k_offset + n0 * k_stride
@@ -347,13 +342,10 @@ def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV,
                                  stride_dom, stride_dod, stride_lm, k_pos, full_end, end, seqlen_q, q_offset,
                                  q_stride, below, above, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, PRECISION)
 
-    mask = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
-    dk_ptrs = (DK + batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh
-               + rows * stride_dkn + offs_d[None, :] * stride_dkd)
-    dv_ptrs = (DV + batch.to(tl.int64) * stride_dvb + kv_head.to(tl.int64) * stride_dvh
-               + rows * stride_dvn + offs_d[None, :] * stride_dvd)
-    tl.store(dk_ptrs, (dk * softmax_scale).to(DK.dtype.element_ty), mask=mask)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+    _store_tile(DK + batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh, offs_n, stride_dkn,
+                stride_dkd, seqlen_k, dk * softmax_scale, HEAD_DIM, BLOCK_D)
+    _store_tile(DV + batch.to(tl.int64) * stride_dvb + kv_head.to(tl.int64) * stride_dvh, offs_n, stride_dvn,
+                stride_dvd, seqlen_k, dv, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
@@ -361,14 +353,10 @@ def _bwd_dq_inner(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd,
                   q_pos, n_start, n_end, seqlen_k, k_offset, k_stride, below, above, qk_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                   MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_D)
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        rows = offs_n[:, None].to(tl.int64)
-        k = _load_rows(K_head + rows * stride_kn + offs_d[None, :] * stride_kd, offs_n, seqlen_k, offs_d,
-                       MASKED, HEAD_DIM != BLOCK_D, HEAD_DIM)
-        v = _load_rows(V_head + rows * stride_vn + offs_d[None, :] * stride_vd, offs_n, seqlen_k, offs_d,
-                       MASKED, HEAD_DIM != BLOCK_D, HEAD_DIM)
+        k = _load_tile(K_head, offs_n, stride_kn, stride_kd, seqlen_k, MASKED, HEAD_DIM, BLOCK_D)
+        v = _load_tile(V_head, offs_n, stride_vn, stride_vd, seqlen_k, MASKED, HEAD_DIM, BLOCK_D)
         scores = _dot(q, tl.trans(k), PRECISION) * qk_scale
         probs = tl.math.exp2(scores - lse[:, None])
         if MASKED:
@@ -398,16 +386,12 @@ def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ,
     kv_head = head // group
     m0 = tl.program_id(0) * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    rows = offs_m[:, None].to(tl.int64)
     Q_head = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
     DO_head = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
     K_head = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     V_head = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-    q = _load_rows(Q_head + rows * stride_qm + offs_d[None, :] * stride_qd, offs_m, seqlen_q, offs_d,
-                   True, HEAD_DIM != BLOCK_D, HEAD_DIM)
-    dout = _load_rows(DO_head + rows * stride_dom + offs_d[None, :] * stride_dod, offs_m, seqlen_q, offs_d,
-                      True, HEAD_DIM != BLOCK_D, HEAD_DIM)
+    q = _load_tile(Q_head, offs_m, stride_qm, stride_qd, seqlen_q, True, HEAD_DIM, BLOCK_D)
+    dout = _load_tile(DO_head, offs_m, stride_dom, stride_dod, seqlen_q, True, HEAD_DIM, BLOCK_D)
     lse = _load_lse_base2(Lse + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh,
                           offs_m, stride_lm, seqlen_q, True)
     delta = tl.load(Delta + (batch * nheads + head).to(tl.int64) * seqlen_q + offs_m, mask=offs_m < seqlen_q, other=0.0)
@@ -428,10 +412,8 @@ def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ,
                        full_end, end, seqlen_k, k_offset, k_stride, below, above, qk_scale,
                        HEAD_DIM, BLOCK_D, BLOCK_N, True, PRECISION)
 
-    dq_ptrs = (DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh
-               + rows * stride_dqm + offs_d[None, :] * stride_dqd)
-    tl.store(dq_ptrs, (dq * softmax_scale).to(DQ.dtype.element_ty),
-             mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM))
+    _store_tile(DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh, offs_m, stride_dqm, stride_dqd,
+                seqlen_q, dq * softmax_scale, HEAD_DIM, BLOCK_D)
 
 
 # ------------------------------------------------------------------------------------------ launchers
