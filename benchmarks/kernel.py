@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import re
 import shlex
 import statistics
@@ -31,15 +30,15 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import RESULTS_DIR, machine_name, md_row, progress, seqlen_axis, versions, write_result
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("fwd", "bwd", "fwd+bwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 @dataclass
@@ -216,22 +215,13 @@ def flops(cfg, headdim, seqlen, causal, mode):
     return 4 * cfg.batch * cfg.heads * seqlen * seqlen * headdim / (2 if causal else 1) * FLOP_FACTOR[mode]
 
 
-def _progress(items):
-    try:
-        from tqdm import tqdm
-        return tqdm(items, desc="kernel benchmark", unit="case")
-    except ImportError:
-        return (print(f"[{i + 1}/{len(items)}] headdim {item[0][0]}, causal {item[0][1]}, seqlen {item[0][2]}: "
-                      f"{item[1]}", flush=True) or item for i, item in enumerate(items))
-
-
 def run(cfg):
     """(headdim, causal, seqlen, provider) -> measure(...) for every case."""
     device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
     provs = providers(cfg)
     shapes = [(d, c, s) for d in cfg.headdims for c in cfg.causal for s in cfg.seqlens]
     results, inputs = {}, {}
-    for shape, name in _progress([(shape, name) for shape in shapes for name in provs]):
+    for shape, name in progress([(shape, name) for shape in shapes for name in provs], "kernel benchmark"):
         if shape not in inputs:  # same inputs for every provider of a shape; one shape in memory
             inputs.clear()
             headdim, _, seqlen = shape
@@ -256,42 +246,34 @@ def _fmt(x):
     return "n/a" if x is None else f"{x:.4g}"
 
 
-def _row(cells):
-    return "| " + " | ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in cells) + " |"
-
-
 def _device_name(cfg):
-    if cfg.device != "cpu":
-        return torch.cuda.get_device_name(cfg.device)
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    found = re.search(r"model name\s*:\s*(.*)", cpuinfo)
-    return f"CPU {found.group(1) if found else platform.machine()} ({torch.get_num_threads()} threads)"
+    name = machine_name(cfg.device)
+    return f"{name} ({torch.get_num_threads()} threads)" if cfg.device == "cpu" else name
 
 
 def report(cfg, results, argv):
     """The markdown result: setup, all measurements, ours vs the best baseline, why cases are missing."""
-    import triton
     names = list(dict.fromkeys(key[3] for key in results))
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"# Kernel benchmark: {cfg.tag}", "", f"- device: {_device_name(cfg)}",
              f"- dtype {cfg.dtype}, batch {cfg.batch}, heads {cfg.heads}, kv heads {cfg.kv_heads}; "
              f"median of {cfg.reps} reps after {cfg.warmup} warmup calls",
-             f"- torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}",
+             f"- {versions()}",
              f"- date: {now}", f"- command: `python -m benchmarks.kernel {shlex.join(argv)}`",
              "- FLOPs: fwd = 4 * batch * heads * seqlen^2 * headdim (halved if causal); bwd = 2.5 x fwd; "
              "fwd+bwd = 3.5 x fwd", "", "## Time (ms) and TFLOP/s", ""]
     head = ["headdim", "causal", "seqlen", "provider"] + [f"{m} {u}" for m in cfg.modes for u in ("ms", "TFLOP/s")]
-    lines += [_row(head), _row(["---"] * len(head))]
+    lines += [md_row(head), md_row(["---"] * len(head))]
     for key, res in results.items():
         cells = list(key)
         for mode in cfg.modes:
             ms = res[mode]
             cells += [f"{ms:.3f}", _fmt(_tflops(cfg, key, mode, results))] if isinstance(ms, float) \
                 else [ms.split(":")[0]] * 2
-        lines.append(_row(cells))
+        lines.append(md_row(cells))
     head = ["headdim", "causal", "seqlen", "mode", "ours", "TFLOP/s", "best baseline", "TFLOP/s", "ratio"]
     lines += ["", "## Ours vs the best baseline of this run (TFLOP/s ratio; > 1: ours is faster)", "",
-              _row(head), _row(["---"] * len(head))]
+              md_row(head), md_row(["---"] * len(head))]
     for shape in dict.fromkeys(key[:3] for key in results):
         for mode in cfg.modes:
             base = [(_tflops(cfg, (*shape, n), mode, results), n) for n in names if not n.startswith("ours")]
@@ -299,22 +281,15 @@ def report(cfg, results, argv):
             for ours in (n for n in names if n.startswith("ours")):
                 mine = _tflops(cfg, (*shape, ours), mode, results)
                 ratio = mine / best if mine is not None and best is not None else None
-                lines.append(_row([*shape, mode, ours, _fmt(mine), best_name, _fmt(best), _fmt(ratio)]))
+                lines.append(md_row([*shape, mode, ours, _fmt(mine), best_name, _fmt(best), _fmt(ratio)]))
     reasons = sorted({(k[3], r) for k, res in results.items() for r in res.values() if isinstance(r, str)})
     if reasons:
         lines += ["", "## Not measured", ""] + [f"- {name}: {reason}" for name, reason in reasons]
     return "\n".join(lines) + "\n"
 
 
-def plot(cfg, results, path):
+def plot(cfg, results, plt, path):
     """TFLOP/s vs seqlen: one panel per (headdim, causal, mode), one line (fixed colour) per provider."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
-        return None
     names = list(dict.fromkeys(key[3] for key in results))
     panels = [(d, c) for d in cfg.headdims for c in cfg.causal]
     fig, axes = plt.subplots(len(panels), len(cfg.modes), squeeze=False,
@@ -327,19 +302,13 @@ def plot(cfg, results, path):
                 pts = [p for p in pts if p[1] is not None]
                 if pts:
                     handles[name], = ax.plot(*zip(*pts), marker="o", color=f"C{i}", label=name)
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(cfg.seqlens, [str(s) for s in cfg.seqlens])
-            ax.minorticks_off()
-            ax.set(title=f"headdim {headdim}, {'causal' if causal else 'non-causal'}, {mode}",
-                   xlabel="seqlen", ylabel="TFLOP/s")
-            ax.set_ylim(bottom=0)
-            ax.grid(alpha=0.3)
+            seqlen_axis(ax, cfg.seqlens, f"headdim {headdim}, {'causal' if causal else 'non-causal'}, {mode}",
+                        "TFLOP/s")
     fig.suptitle(f"{_device_name(cfg)}, {cfg.dtype}, batch {cfg.batch}, heads {cfg.heads}/{cfg.kv_heads}")
     fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=max(len(handles), 1), frameon=False)
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
 
 
 def main(argv=None):
@@ -347,15 +316,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     cfg = parse_args(argv)
     results = run(cfg)
-    text = report(cfg, results, argv)
-    print(text)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md = out_dir / f"kernel_{cfg.tag}.md"
-    md.write_text(text)
-    png = plot(cfg, results, out_dir / f"kernel_{cfg.tag}.png")
-    print(f"wrote {md}" + (f" and {png}" if png else ""))
-    return md
+    return write_result(cfg.out_dir, f"kernel_{cfg.tag}", report(cfg, results, argv),
+                        lambda plt, path: plot(cfg, results, plt, path))
 
 
 if __name__ == "__main__":

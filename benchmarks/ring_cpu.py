@@ -31,25 +31,19 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
-import queue
-import re
 import shlex
 import statistics
 import sys
-import tempfile
 import time
-import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from benchmarks.common import RESULTS_DIR, machine_name, md_row, progress, seqlen_axis, versions, write_result
 from dist_attn.layouts import LAYOUTS, chunks_per_rank
+from launch.spawn import run_world
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ELEM_BYTES = 4          # fp32 inputs
 ACC_BYTES = 4           # fp32 dK/dV accumulators
 PG_TIMEOUT_S = 120      # a rank stuck in a collective fails after this long instead of hanging
@@ -124,55 +118,6 @@ def parse_args(argv) -> RingBenchConfig:
         return RingBenchConfig(**args)
     except ValueError as e:
         p.error(str(e))
-
-
-# ------------------------------------------------------------------------------------------ spawning
-
-def _rank_main(rank, world, store, threads, fn, args, results):
-    torch.set_num_threads(threads)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
-        results.put((rank, None, fn(rank, world, *args)))
-    except BaseException:
-        results.put((rank, traceback.format_exc(), None))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def spawn_world(world, threads, fn, args, timeout_s):
-    """``fn(rank, world, *args)`` on ``world`` gloo ranks -> per-rank results; RuntimeError on a failing
-    rank, a rank that dies silently, or a world still running after ``timeout_s`` (its ranks are killed)."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    store = Path(tempfile.mkdtemp(prefix="ring_cpu_")) / "store"
-    procs = [ctx.Process(target=_rank_main, args=(r, world, str(store), threads, fn, args, results), daemon=True)
-             for r in range(world)]
-    for proc in procs:
-        proc.start()
-    deadline, done = time.monotonic() + timeout_s, {}
-    try:
-        while len(done) < world:
-            try:
-                rank, error, value = results.get(timeout=1.0)
-                done[rank] = (error, value)
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in done]
-                if dead or time.monotonic() > deadline:
-                    raise RuntimeError(f"world {world}: " + (f"ranks {dead} died" if dead else
-                                       f"not finished after {timeout_s:.0f}s (ranks done: {sorted(done)})"))
-    finally:
-        for proc in procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-        store.unlink(missing_ok=True)
-        store.parent.rmdir()
-    errors = [f"--- rank {r} ---\n{e}" for r, (e, _) in sorted(done.items()) if e]
-    if errors:
-        raise RuntimeError(f"world {world} failed:\n" + "\n".join(errors))
-    return [done[r][1] for r in range(world)]
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -253,21 +198,13 @@ def _flat(runs):
     return sorted(size for count, size in runs for _ in range(count))
 
 
-def _progress(items):
-    try:
-        from tqdm import tqdm
-        return tqdm(items, desc="ring benchmark", unit="job")
-    except ImportError:
-        return (print(f"[{i + 1}/{len(items)}] {item}", flush=True) or item for i, item in enumerate(items))
-
-
 def run(cfg):
     """Rows: one dict per (world, layout, causal, seqlen) with times, ratios and the bytes check."""
     single, ring = {}, {}
     jobs = [("single", key) for key in dict.fromkeys((c, s) for _, c, s in cfg.cases())] + \
            [("world", w) for w in cfg.worlds]
     threads_before = torch.get_num_threads()
-    for kind, what in _progress(jobs):
+    for kind, what in progress(jobs, "ring benchmark"):
         if kind == "single":
             torch.set_num_threads(os.cpu_count() or 1)
             try:
@@ -275,7 +212,8 @@ def run(cfg):
             finally:
                 torch.set_num_threads(threads_before)
         else:
-            ring[what] = spawn_world(what, cfg.threads(what), _ring_worker, (cfg,), cfg.timeout_s)
+            ring[what] = run_world(what, _ring_worker, cfg, timeout=cfg.timeout_s, pg_timeout_s=PG_TIMEOUT_S,
+                                   threads=cfg.threads(what))
     rows = []
     for world in cfg.worlds:
         per_rank = ring[world]
@@ -306,30 +244,19 @@ def _terms(runs):
     return " + ".join(f"{n} x {s}" for n, s in runs) + f" = {sum(n * s for n, s in runs)}" if runs else "0"
 
 
-def _row(cells):
-    return "| " + " | ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in cells) + " |"
-
-
-def _machine():
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    found = re.search(r"model name\s*:\s*(.*)", cpuinfo)
-    return f"CPU {found.group(1).strip() if found else platform.machine()}, {os.cpu_count()} cores (os.cpu_count)"
-
-
 HEADER = ["world", "layout", "causal", "seqlen", "threads/rank", "fwd ms", "bwd ms", "single fwd ms",
           "single bwd ms", "ratio fwd", "ratio bwd", "ratio fwd+bwd", "fwd bytes/rank measured", "fwd formula",
           "bwd bytes/rank measured", "bwd formula", "bytes"]
 
 
 def report(cfg, rows, argv, load):
-    import triton
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cores = os.cpu_count() or 1
     over = [w for w in cfg.worlds if w * cfg.threads(w) > cores]
     all_ok = all(r["bytes_ok"] for r in rows)
     lines = ["# Ring attention on CPU (gloo): ring vs single-process kernel", "",
-             f"- machine: {_machine()}",
-             f"- torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}",
+             f"- machine: {machine_name()}",
+             f"- {versions()}",
              f"- date: {now}; 1-minute load average before the run: {load:.2f} (other work on these "
              "cores distorts the times)",
              "- command: `" + shlex.join(["python", "-m", "benchmarks.ring_cpu", *argv]) + "`",
@@ -342,9 +269,9 @@ def report(cfg, rows, argv, load):
              "(w-1) x 2*B*L*Hk*D*4 (KV) + w x 2*B*L*Hk*D*4 (fp32 dK/dV accumulators)",
              f"- bytes check: {'measured == formula for every row' if all_ok else 'MISMATCH in some rows'} "
              "(every rank, every timed iteration: same message count and sizes)", "", "## Results", "",
-             _row(HEADER), _row(["---"] * len(HEADER))]
+             md_row(HEADER), md_row(["---"] * len(HEADER))]
     for r in rows:
-        lines.append(_row([r["world"], r["layout"], r["causal"], r["seqlen"], r["threads"],
+        lines.append(md_row([r["world"], r["layout"], r["causal"], r["seqlen"], r["threads"],
                            *(f"{r[k]:.2f}" for k in ("fwd", "bwd", "single_fwd", "single_bwd")),
                            *(f"{r[k]:.3f}" for k in ("ratio_fwd", "ratio_bwd", "ratio")),
                            _sends(r["fwd_sent"]), _terms(r["fwd_formula"]), _sends(r["bwd_sent"]),
@@ -367,15 +294,8 @@ def report(cfg, rows, argv, load):
     return "\n".join(lines) + "\n"
 
 
-def plot(cfg, rows, path):
+def plot(cfg, rows, plt, path):
     """ratio fwd+bwd vs seqlen, one line per world size, one panel per (layout, causal)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
-        return None
     panels = list(dict.fromkeys((r["layout"], r["causal"]) for r in rows))
     fig, axes = plt.subplots(1, len(panels), squeeze=False, figsize=(5.0 * len(panels), 3.8))
     for (layout, causal), ax in zip(panels, axes[0]):
@@ -384,19 +304,13 @@ def plot(cfg, rows, path):
                    if (r["world"], r["layout"], r["causal"]) == (world, layout, causal)]
             ax.plot(*zip(*pts), marker="o", color=f"C{i}", label=f"world {world} ({cfg.threads(world)} thr/rank)")
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(cfg.seqlens, [str(s) for s in cfg.seqlens])
-        ax.minorticks_off()
-        ax.set(title=f"{layout}, {'causal' if causal else 'non-causal'}", xlabel="total seqlen",
-               ylabel="ring / single time (fwd+bwd)")
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
+        seqlen_axis(ax, cfg.seqlens, f"{layout}, {'causal' if causal else 'non-causal'}",
+                    "ring / single time (fwd+bwd)")
         ax.legend(fontsize=8)
-    fig.suptitle(f"{_machine()}; gloo; fp32 B{cfg.batch} H{cfg.heads}/{cfg.kv_heads} D{cfg.headdim}", fontsize=9)
+    fig.suptitle(f"{machine_name()}; gloo; fp32 B{cfg.batch} H{cfg.heads}/{cfg.kv_heads} D{cfg.headdim}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
 
 
 def main(argv=None):
@@ -405,15 +319,8 @@ def main(argv=None):
     cfg = parse_args(argv)
     load = os.getloadavg()[0]
     rows = run(cfg)
-    text = report(cfg, rows, argv, load)
-    print(text)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md = out_dir / "ring_cpu.md"
-    md.write_text(text)
-    png = plot(cfg, rows, out_dir / "ring_cpu.png")
-    print(f"wrote {md}" + (f" and {png}" if png else ""))
-    return md
+    return write_result(cfg.out_dir, "ring_cpu", report(cfg, rows, argv, load),
+                        lambda plt, path: plot(cfg, rows, plt, path))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """ring_attention over real gloo process groups against float64 attention on the full sequence.
 
-For each world size one world is spawned (see dist_harness.py) and runs every case: each rank builds
+For each world size one world is spawned (see launch/spawn.py) and runs every case: each rank builds
 the same full inputs, shards them, runs the ring forward and backward, and gathers output and
 gradients; rank 0 compares them with ``attention_reference`` on the full sequence.
 """
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from attention_checks import max_error, reference_with_grads
-from dist_harness import WorldFailed, run_world
+from launch.spawn import WorldFailed, run_world
 
 FWD_TOL, GRAD_TOL = 2e-5, 1e-4  # fp32 vs float64 (shared/DESIGN.md)
 WORLD_SIZES = [1, 2, 3, 4, 8]

@@ -1,8 +1,9 @@
-"""Real multi-process worlds for tests: gloo ranks spawned with torch.multiprocessing.
+"""Local multi-process worlds without torchrun: gloo ranks spawned with torch.multiprocessing.
 
-Starting a rank costs seconds (a torch import each), so a test module spawns a world once and runs
-many cases inside it. Nothing can hang: the process group has a short timeout, and a world that has
-not reported within ``timeout`` seconds is killed and the test fails.
+Used by the tests and the CPU benchmarks (and by entry points run without torchrun). Starting a rank
+costs seconds (a torch import each), so callers run many cases inside one world. Nothing can hang:
+the process group has a timeout, and a world that has not reported within ``timeout`` seconds is
+killed and reported as failed.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import torch.multiprocessing as mp
 PROCESS_GROUP_TIMEOUT_S = 30
 
 
-def _worker(rank, world_size, store_path, fn, args, results, pg_timeout_s):
-    torch.set_num_threads(1)
+def _worker(rank, world_size, store_path, fn, args, results, pg_timeout_s, threads):
+    torch.set_num_threads(threads)
     try:
         dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=pg_timeout_s))
@@ -34,22 +35,24 @@ def _worker(rank, world_size, store_path, fn, args, results, pg_timeout_s):
             dist.destroy_process_group()
 
 
-class WorldFailed(AssertionError):
-    pass
+class WorldFailed(RuntimeError):
+    """A rank raised or died, or the world ran out of time."""
 
 
-def run_world(world_size, fn, *args, timeout=300, pg_timeout_s=PROCESS_GROUP_TIMEOUT_S):
-    """Runs ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; returns the per-rank results.
+def run_world(world_size, fn, *args, timeout=300, pg_timeout_s=PROCESS_GROUP_TIMEOUT_S, threads=1):
+    """Runs ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks (``threads`` torch threads each);
+    returns the per-rank results.
 
     ``fn`` must be a module-level function (it is pickled into spawned processes). Raises WorldFailed
-    with every failing rank's traceback, or when the world does not finish within ``timeout`` seconds.
+    with every failing rank's traceback, when a rank dies, or when the world does not finish within
+    ``timeout`` seconds.
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     fd, store_path = tempfile.mkstemp(prefix="dist_attn_store_")
     os.close(fd)
     os.unlink(store_path)  # the file store creates it
-    procs = [ctx.Process(target=_worker, args=(rank, world_size, store_path, fn, args, results, pg_timeout_s),
+    procs = [ctx.Process(target=_worker, args=(rank, world_size, store_path, fn, args, results, pg_timeout_s, threads),
                          daemon=True) for rank in range(world_size)]
     for proc in procs:
         proc.start()
@@ -64,11 +67,10 @@ def run_world(world_size, fn, *args, timeout=300, pg_timeout_s=PROCESS_GROUP_TIM
                 if time.monotonic() > deadline:
                     raise WorldFailed(f"world of {world_size} did not finish within {timeout}s "
                                       f"(ranks done: {sorted(outcomes)})") from None
-                if any(p.exitcode not in (None, 0) for p in procs) and len(outcomes) < world_size:
-                    dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in outcomes]
-                    if dead:
-                        raise WorldFailed(f"ranks {dead} died without reporting (exit codes "
-                                          f"{[procs[r].exitcode for r in dead]})")
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in outcomes]
+                if dead:
+                    raise WorldFailed(f"ranks {dead} died without reporting (exit codes "
+                                      f"{[procs[r].exitcode for r in dead]})")
     finally:
         for proc in procs:
             proc.join(timeout=10)
