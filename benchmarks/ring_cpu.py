@@ -9,7 +9,7 @@ iterations the median of `iters` timed ones is reported. Baseline in the same ru
 with all cores: `kernels.flash_attn_func(q, k, v, causal, backend="torch")` on the full sequence, same
 protocol; the ratios are ring ms / single ms (fwd, bwd, and fwd+bwd = sum of the two medians).
 
-Bytes: every `RingComm.send_recv` in a worker is counted (one record per call: numel * element_size).
+Bytes: every message a worker sends through `RingComm` is counted (`dist_attn.comm.traffic_meter`).
 With L = seqlen / w tokens per rank and e = bytes per element (4 for fp32), each rank sends per iteration
   forward:  (w-1) KV messages of 2*B*L*Hk*D*e bytes           (K and V packed in one buffer)
   backward: (w-1) KV messages of 2*B*L*Hk*D*e bytes  +  w dK/dV messages of 2*B*L*Hk*D*4 bytes
@@ -132,15 +132,8 @@ def _inputs(cfg, seqlen, seed=0):
 def _ring_worker(rank, world, cfg):
     """All cases on this rank: per case the max-over-ranks fwd/bwd ms of every timed iteration and the
     byte sizes of this rank's sends, per timed iteration, in forward and backward."""
-    from dist_attn import comm, ring_attention, shard
-
-    sent = []
-    send_recv = comm.RingComm.send_recv
-
-    def counted(self, send, recv=None):  # this process only (spawned): counts every ring message
-        sent.append(send.numel() * send.element_size())
-        return send_recv(self, send, recv)
-    comm.RingComm.send_recv = counted
+    from dist_attn import ring_attention, shard
+    from dist_attn.comm import traffic_meter
 
     out = []
     for layout, causal, seqlen in cfg.cases():
@@ -150,13 +143,13 @@ def _ring_worker(rank, world, cfg):
         for it in range(cfg.warmup + cfg.iters):
             q.grad = k.grad = v.grad = None
             dist.barrier()
-            sent.clear()
-            start = time.perf_counter()
-            o = ring_attention(q, k, v, causal=causal, layout=layout, backend="torch")
-            mid = time.perf_counter()
-            n_fwd = len(sent)
-            o.backward(dout)
-            end = time.perf_counter()
+            with traffic_meter() as sent:
+                start = time.perf_counter()
+                o = ring_attention(q, k, v, causal=causal, layout=layout, backend="torch")
+                mid = time.perf_counter()
+                n_fwd = len(sent)
+                o.backward(dout)
+                end = time.perf_counter()
             t = torch.tensor([mid - start, end - mid], dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             if it >= cfg.warmup:

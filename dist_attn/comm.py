@@ -8,8 +8,28 @@ overlaps step s's compute. NCCL for CUDA tensors, gloo for CPU tensors (whatever
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
+
+_meters = []  # open traffic_meter() lists
+
+
+@contextlib.contextmanager
+def traffic_meter():
+    """Records the size in bytes of every message this process sends through a RingComm while open.
+
+        with traffic_meter() as sent:
+            ring_attention(q, k, v).sum().backward()
+        print(len(sent), sum(sent))
+    """
+    sent = []
+    _meters.append(sent)
+    try:
+        yield sent
+    finally:
+        _meters.remove(sent)
 
 
 class RingComm:
@@ -27,7 +47,6 @@ class RingComm:
         self.next_rank = dist.get_global_rank(ranks_of, (self.rank + 1) % self.world_size)
         self.prev_rank = dist.get_global_rank(ranks_of, (self.rank - 1) % self.world_size)
         self.tag = tag
-        self.bytes_sent = 0
         self._pending = []
 
     def send_recv(self, send, recv=None):
@@ -39,7 +58,8 @@ class RingComm:
         ops = [dist.P2POp(dist.isend, send, self.next_rank, self.group, self.tag),
                dist.P2POp(dist.irecv, recv, self.prev_rank, self.group, self.tag)]
         self._pending = dist.batch_isend_irecv(ops)
-        self.bytes_sent += send.numel() * send.element_size()
+        for sent in _meters:
+            sent.append(send.numel() * send.element_size())
         return recv
 
     def wait(self):

@@ -69,7 +69,8 @@ def flash_attn_forward(q, k, v, softmax_scale, causal, q_offset=0, k_offset=0, q
     if seqlen_q == 0 or seqlen_k == 0:
         out = torch.zeros(q.shape, dtype=out_dtype, device=q.device)
         return out, torch.full((batch, nheads, seqlen_q), float("-inf"), device=q.device)
-    return module.forward(q, k, v, scale, qpos, kpos, *band, out_dtype)
+    out, lse = module.forward(q, k, v, scale, qpos, kpos, *band, out_dtype)
+    return out, lse.float()
 
 
 def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal, q_offset=0, k_offset=0, q_stride=1,
@@ -89,7 +90,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal, q_offset
         return (torch.zeros(q.shape, dtype=torch.float32, device=q.device),
                 torch.zeros(k.shape, dtype=torch.float32, device=q.device),
                 torch.zeros(v.shape, dtype=torch.float32, device=q.device))
-    return module.backward(dout, q, k, v, out, lse, scale, qpos, kpos, *band)
+    return tuple(grad.float() for grad in module.backward(dout, q, k, v, out, lse, scale, qpos, kpos, *band))
 
 
 class FlashAttnFunc(torch.autograd.Function):

@@ -49,7 +49,8 @@ def _tiles(qpos: Positions, kpos: Positions, below, above):
 
 
 def forward(q, k, v, scale, qpos: Positions, kpos: Positions, below, above, out_dtype):
-    """Returns out (B, Lq, H, D) in ``out_dtype`` and lse (B, H, Lq) in float32."""
+    """Returns out (B, Lq, H, D) in ``out_dtype`` and lse (B, H, Lq) in the math dtype: float32, or
+    float64 for float64 inputs (which only internal callers pass: the demo's chunked reference)."""
     math = _math_dtype(q.dtype)
     nheads_kv = k.shape[2]
     qg = _grouped(q, nheads_kv).to(math)                      # (B, Hkv, G, Lq, D)
@@ -74,11 +75,11 @@ def forward(q, k, v, scale, qpos: Positions, kpos: Positions, below, above, out_
     out = acc / torch.where(empty, torch.ones_like(row_sum), row_sum)
     lse = torch.where(empty, torch.full_like(row_max, float("-inf")), row_max + torch.log(row_sum))
     batch, seqlen_q, nheads, _ = q.shape
-    return _ungrouped(out).to(out_dtype), lse.reshape(batch, nheads, seqlen_q).float()
+    return _ungrouped(out).to(out_dtype), lse.reshape(batch, nheads, seqlen_q)
 
 
 def backward(dout, q, k, v, out, lse, scale, qpos: Positions, kpos: Positions, below, above):
-    """dq, dk, dv in float32, recomputing P = exp(S - lse) tile by tile."""
+    """dq, dk, dv in the math dtype, recomputing P = exp(S - lse) tile by tile."""
     math = _math_dtype(q.dtype)
     batch, seqlen_q, nheads, headdim = q.shape
     nheads_kv = k.shape[2]
@@ -104,4 +105,4 @@ def backward(dout, q, k, v, out, lse, scale, qpos: Positions, kpos: Positions, b
         dscores = probs * (dprobs - delta[..., qs, :]) * scale
         dq[..., qs, :] += dscores @ kg[..., ks, :]
         dk[..., ks, :] += (dscores.transpose(-1, -2) @ qg[..., qs, :]).sum(2, keepdim=True)
-    return _ungrouped(dq).float(), _ungrouped(dk).float(), _ungrouped(dv).float()
+    return _ungrouped(dq), _ungrouped(dk), _ungrouped(dv)

@@ -1,135 +1,295 @@
-"""Kernel demo: runs the local attention kernel on random inputs, checks it against the float64
-reference and prints a table of errors and times. Exits non-zero when a check fails.
+"""The main job: ring attention across ranks, verified against exact attention, with a report.
 
-    python -m launch.demo                       # defaults: CPU-sized, both backends where they run
-    python -m launch.demo --seqlen 4096 --headdim 128 --dtype bfloat16   # on a GPU
+    python -m launch.demo                               # spawns 4 gloo ranks on CPU, or one NCCL rank per GPU
+    python -m launch.demo --world-size 2 --seqlen 8192 --no-causal --layout striped
+    torchrun --nproc_per_node 8 -m launch.demo --seqlen 131072 --heads 32 --kv-heads 8 --headdim 128 --dtype bfloat16
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m launch.demo ...
 
-On a machine without CUDA the Triton kernel runs under Triton's interpreter (TRITON_INTERPRET=1,
-slow, so it gets a smaller sequence); the torch backend is the CPU default. The distributed main job
-(ring attention under torchrun) replaces this demo once the ring exists.
+Every rank builds the same seeded random q, k, v and output gradient, keeps its shard (``--layout``),
+and runs ``ring_attention`` forward and backward: ``--warmup`` untimed and ``--iters`` timed iterations,
+with a progress bar on rank 0. Outputs and gradients are then gathered and rank 0 checks them against
+exact attention over the full sequence, computed in float64 chunk by chunk (memory O(seqlen x 256), not
+O(seqlen^2)) from the same (rounded) inputs. It prints a table of errors, times, throughput, memory and
+ring traffic; ``--json PATH`` writes the same numbers. Exit code: 0 verified, 1 check failed or a rank
+failed, 2 bad configuration (one message from rank 0, before any process group exists).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import resource
+import statistics
 import sys
 import time
 
 import torch
+import torch.distributed as dist
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels imports triton
-
-from kernels import attention_reference, flash_attn_func  # noqa: E402
+from dist_attn import gather, ring_attention, shard
+from dist_attn.comm import traffic_meter
+from dist_attn.layouts import LAYOUTS, chunks_per_rank
+from kernels import torch_backend
+from kernels.positions import Positions, mask_band
+from launch.spawn import WorldFailed, run_world
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Max abs error vs float64 (shared/DESIGN.md) for float32; 16-bit inputs get a looser demo bound.
-TOLERANCE = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (3e-2, 1e-1), torch.float16: (5e-3, 2e-2)}
+# Max abs error allowed. float32: shared/DESIGN.md's bounds (forward, gradients). 16-bit: a fraction of
+# the largest reference value; a real bug gives errors of the order of the values themselves.
+FP32_TOLERANCE = (2e-5, 1e-4)
+LOW_PRECISION_RELATIVE_TOLERANCE = {torch.bfloat16: 2**-5, torch.float16: 2**-8}
 
 
 @dataclasses.dataclass
 class DemoConfig:
     batch: int = 1
-    """Batch size."""
-    seqlen: int = 1024
-    """Sequence length for the torch and CUDA runs."""
-    interpret_seqlen: int = 128
-    """Sequence length for the Triton kernel under the CPU interpreter (slow)."""
+    """Sequences per batch."""
+    seqlen: int = 4096
+    """Total tokens per sequence, split over the ranks."""
     heads: int = 8
     """Query heads."""
     kv_heads: int = 2
-    """Key/value heads (GQA when fewer than heads)."""
+    """Key/value heads (GQA when fewer than heads; they travel the ring un-repeated)."""
     headdim: int = 64
     """Head dimension (<= 256)."""
     dtype: str = "float32"
     """float32, bfloat16 or float16."""
+    causal: bool = True
+    """Causal mask over global positions."""
+    layout: str = "zigzag"
+    """contiguous, zigzag or striped (see dist_attn.layouts)."""
+    iters: int = 5
+    """Timed iterations (forward + backward each)."""
+    warmup: int = 1
+    """Untimed iterations first (compilation, autotuning, allocator)."""
+    world_size: int = 0
+    """Ranks to spawn when not under torchrun; 0: one per GPU, or 4 on CPU."""
     seed: int = 0
+    """Seed of the random inputs."""
+    json: str = ""
+    """Also write the report as JSON to this path."""
+    corrupt_rank: int = -1
+    """Self-test hook: perturb this rank's output before the check (the check must then fail)."""
 
     def __post_init__(self):
-        for name in ("batch", "seqlen", "interpret_seqlen", "heads", "kv_heads", "headdim"):
+        for name in ("batch", "seqlen", "heads", "kv_heads", "headdim", "iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        for name in ("warmup", "world_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
         if self.heads % self.kv_heads:
             raise ValueError(f"heads ({self.heads}) must be divisible by kv_heads ({self.kv_heads})")
         if self.headdim > 256:
             raise ValueError(f"headdim must be <= 256; got {self.headdim}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {self.dtype!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}; got {self.layout!r}")
+
+    def check_world(self, world_size):
+        """What depends on the number of ranks; called before any process group is created."""
+        multiple = world_size * chunks_per_rank(self.layout)
+        if self.seqlen % multiple:
+            raise ValueError(f"seqlen ({self.seqlen}) must be a multiple of {multiple} for layout={self.layout!r} "
+                             f"on {world_size} ranks")
+        if self.corrupt_rank >= world_size:
+            raise ValueError(f"corrupt_rank must be < world size ({world_size}); got {self.corrupt_rank}")
 
 
 def parse_args(argv=None) -> DemoConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m launch.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     for field in dataclasses.fields(DemoConfig):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
-    try:
-        return DemoConfig(**vars(parser.parse_args(argv)))
-    except ValueError as error:
-        parser.error(str(error))  # one line on stderr, exit code 2
+        flag = f"--{field.name.replace('_', '-')}"
+        if field.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+        else:
+            parser.add_argument(flag, type=type(field.default), default=field.default)
+    return DemoConfig(**vars(parser.parse_args(argv)))
 
 
-def timed(fn):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def _time(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     result = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return result, time.perf_counter() - start
 
 
-def run_case(cfg: DemoConfig, backend: str, device: torch.device, seqlen: int, causal: bool):
-    """One forward + backward against the float64 reference; returns a table row and pass/fail."""
+def _peak_memory_bytes(device):
+    """CUDA: peak allocated by torch; CPU: the process's peak resident set size (everything, not just tensors)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _inputs(cfg):
+    """Full-sequence q, k, v, dout, identical on every rank (seeded), rounded to the run's dtype."""
     gen = torch.Generator().manual_seed(cfg.seed)
+    shapes = [(cfg.batch, cfg.seqlen, h, cfg.headdim) for h in (cfg.heads, cfg.kv_heads, cfg.kv_heads, cfg.heads)]
+    return [torch.randn(shape, generator=gen).to(DTYPES[cfg.dtype]) for shape in shapes]
+
+
+def reference(q, k, v, dout, causal):
+    """Exact attention and its gradients in float64, chunked (kernels.torch_backend), on the full sequence."""
+    q, k, v, dout = (x.double() for x in (q, k, v, dout))
+    positions = Positions(0, 1, q.shape[1])
+    band = mask_band(causal, None, positions, positions)
+    scale = q.shape[-1] ** -0.5
+    out, lse = torch_backend.forward(q, k, v, scale, positions, positions, *band, torch.float64)
+    return (out, *torch_backend.backward(dout, q, k, v, out, lse, scale, positions, positions, *band))
+
+
+def run_rank(rank, world_size, cfg: DemoConfig):
+    """Runs on every rank (process group initialised); returns the report on rank 0, None elsewhere."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    full = _inputs(cfg)
+    q, k, v = (shard(x, cfg.layout, rank, world_size).to(device).requires_grad_() for x in full[:3])
+    dout = shard(full[3], cfg.layout, rank, world_size).to(device)
+
+    def iteration():
+        """One forward + backward: (output, forward s, backward s, {phase: sizes of the messages sent})."""
+        q.grad = k.grad = v.grad = None
+        dist.barrier()
+        with traffic_meter() as sent:
+            out, fwd_s = _time(lambda: ring_attention(q, k, v, causal=cfg.causal, layout=cfg.layout), device)
+            forward_messages = len(sent)
+            _, bwd_s = _time(lambda: out.backward(dout), device)
+        return out, fwd_s, bwd_s, {"forward": sent[:forward_messages], "backward": sent[forward_messages:]}
+
+    for _ in range(cfg.warmup):
+        iteration()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    steps = range(cfg.iters)
+    if rank == 0:
+        from tqdm import tqdm
+        steps = tqdm(steps, desc=f"ring attention x{world_size} ({device.type})", unit="iter")
+    for _ in steps:
+        out, fwd_s, bwd_s, traffic = iteration()
+        slowest = torch.tensor([fwd_s, bwd_s], dtype=torch.float64, device=device)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # an iteration lasts as long as its slowest rank
+        times.append(slowest.tolist())
+    peak = torch.tensor([_peak_memory_bytes(device)], dtype=torch.float64, device=device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+
+    out = out.detach()
+    if rank == cfg.corrupt_rank:
+        out = out + 1e-2
+    gathered = [gather(t, layout=cfg.layout).cpu() for t in (out, q.grad, k.grad, v.grad)]
+    if rank != 0:
+        return None
+    return _report(cfg, world_size, device, gathered, reference(*full, cfg.causal), times, traffic, peak.item())
+
+
+def _report(cfg, world_size, device, results, exact, times, traffic, peak_bytes):
     dtype = DTYPES[cfg.dtype]
-    q = torch.randn(cfg.batch, seqlen, cfg.heads, cfg.headdim, generator=gen)
-    k, v = (torch.randn(cfg.batch, seqlen, cfg.kv_heads, cfg.headdim, generator=gen) for _ in range(2))
-    dout = torch.randn(q.shape, generator=gen)
-    q, k, v = (x.to(device, dtype).requires_grad_() for x in (q, k, v))
-    dout = dout.to(device, dtype)
-    warm_up = flash_attn_func(q, k, v, causal=causal, backend=backend)  # compiles on CUDA, starts autograd threads
-    torch.autograd.grad(warm_up, (q, k, v), dout)
-    out, fwd_s = timed(lambda: flash_attn_func(q, k, v, causal=causal, backend=backend))
-    grads, bwd_s = timed(lambda: torch.autograd.grad(out, (q, k, v), dout))
+    checks = {}
+    for name, got, ref in zip(("out", "dq", "dk", "dv"), results, exact):
+        err = (got.double() - ref).abs()
+        if dtype == torch.float32:
+            tol = FP32_TOLERANCE[name != "out"]
+        else:
+            tol = LOW_PRECISION_RELATIVE_TOLERANCE[dtype] * ref.abs().max().item()
+        finite = bool(torch.isfinite(got).all())
+        checks[name] = {"max_err": err.max().item(), "mean_err": err.mean().item(), "tolerance": tol,
+                        "ok": finite and err.max().item() <= tol}
+    fwd_s = statistics.median(t[0] for t in times)
+    bwd_s = statistics.median(t[1] for t in times)
+    fwd_flops = 4 * cfg.batch * cfg.heads * cfg.seqlen ** 2 * cfg.headdim / (2 if cfg.causal else 1)
+    return {
+        "config": dataclasses.asdict(cfg), "world_size": world_size, "device": str(device),
+        "check": checks, "ok": all(c["ok"] for c in checks.values()),
+        "forward_ms": fwd_s * 1e3, "backward_ms": bwd_s * 1e3,
+        "tokens_per_s": cfg.batch * cfg.seqlen / (fwd_s + bwd_s),
+        "tflops_total": 3.5 * fwd_flops / (fwd_s + bwd_s) / 1e12,  # backward = 2.5x forward FLOPs
+        "peak_memory_per_rank_bytes": peak_bytes,
+        "ring_bytes_per_step": {phase: max(sizes, default=0) for phase, sizes in traffic.items()},  # largest message
+        "ring_messages": {phase: len(sizes) for phase, sizes in traffic.items()},
+        "ring_bytes_total": {phase: sum(sizes) for phase, sizes in traffic.items()},
+    }
 
-    q64, k64, v64 = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
-    ref_out, _ = attention_reference(q64, k64, v64, causal=causal)
-    ref_grads = torch.autograd.grad(ref_out, (q64, k64, v64), dout.cpu().double())
-    errors = [(a.detach().cpu().double() - b).abs().max().item() for a, b in zip((out, *grads), (ref_out, *ref_grads))]
-    fwd_tol, grad_tol = TOLERANCE[dtype]
-    ok = errors[0] <= fwd_tol and max(errors[1:]) <= grad_tol
-    name = f"{backend}{' (interpreter)' if backend == 'triton' and device.type == 'cpu' else ''}"
-    row = [name, str(device), cfg.dtype, str(causal), str(seqlen), *(f"{e:.1e}" for e in errors),
-           f"{fwd_s * 1e3:.1f}", f"{bwd_s * 1e3:.1f}", "ok" if ok else "FAIL"]
-    return row, ok
+
+def print_report(report):
+    cfg = report["config"]
+    print(f"\nring attention on {report['world_size']} rank(s) ({report['device']}): batch {cfg['batch']}, "
+          f"seqlen {cfg['seqlen']}, heads {cfg['heads']} (kv {cfg['kv_heads']}), headdim {cfg['headdim']}, "
+          f"{cfg['dtype']}, {'causal' if cfg['causal'] else 'non-causal'}, layout {cfg['layout']}")
+    print(f"\n{'':>4}  {'max err':>9}  {'mean err':>9}  {'tolerance':>9}  check")
+    for name, c in report["check"].items():
+        print(f"{name:>4}  {c['max_err']:9.2e}  {c['mean_err']:9.2e}  {c['tolerance']:9.2e}  "
+              f"{'ok' if c['ok'] else 'FAIL'}")
+    step, messages = report["ring_bytes_per_step"], report["ring_messages"]
+    rows = [("forward / iteration", f"{report['forward_ms']:.2f} ms"),
+            ("backward / iteration", f"{report['backward_ms']:.2f} ms"),
+            ("tokens / s", f"{report['tokens_per_s']:,.0f}"),
+            ("TFLOP/s (all ranks)", f"{report['tflops_total']:.4f}"),
+            ("TFLOP/s per rank", f"{report['tflops_total'] / report['world_size']:.4f}"),
+            ("peak memory / rank", f"{report['peak_memory_per_rank_bytes'] / 2**20:,.1f} MiB"
+             + (" (CPU: peak RSS)" if report["device"] == "cpu" else "")),
+            ("ring bytes / step (fwd)", f"{step['forward']:,} B x {messages['forward']} messages"),
+            ("ring bytes / step (bwd)", f"{step['backward']:,} B x {messages['backward']} messages")]
+    print()
+    for label, value in rows:
+        print(f"{label:>24}  {value}")
+    print("\nverified: outputs and gradients match exact attention" if report["ok"] else
+          "\nVERIFICATION FAILED: see the table above")
 
 
-def print_table(rows):
-    header = ["backend", "device", "dtype", "causal", "seqlen", "err out", "err dq", "err dk", "err dv",
-              "fwd ms", "bwd ms", "check"]
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for r in [header, ["-" * w for w in widths], *rows]:
-        print("  ".join(str(c).rjust(w) for c, w in zip(r, widths)))
+def _fail(message, rank):
+    """A configuration error: one line from rank 0, exit code 2 on every rank."""
+    if rank == 0:
+        print(f"launch.demo: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def main(argv=None) -> int:
-    cfg = parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        cfg = parse_args(argv)
+    except ValueError as error:
+        _fail(error, rank)
+    under_torchrun = "WORLD_SIZE" in os.environ and "RANK" in os.environ
     cuda = torch.cuda.is_available()
-    plan = [("torch", torch.device("cpu"), cfg.seqlen)]
-    plan.append(("triton", torch.device("cuda"), cfg.seqlen) if cuda
-                else ("triton", torch.device("cpu"), cfg.interpret_seqlen))
-    print(f"dist-attn kernel demo: batch {cfg.batch}, heads {cfg.heads} (kv {cfg.kv_heads}), headdim {cfg.headdim}; "
-          f"errors are max |ours - float64 reference|")
-    rows, all_ok = [], True
-    for backend, device, seqlen in plan:
-        for causal in (False, True):
-            row, ok = run_case(cfg, backend, device, seqlen, causal)
-            rows.append(row)
-            all_ok &= ok
-    print_table(rows)
-    print("all checks passed" if all_ok else "SOME CHECKS FAILED")
-    return 0 if all_ok else 1
+    world_size = int(os.environ["WORLD_SIZE"]) if under_torchrun else (cfg.world_size or
+                                                                         (torch.cuda.device_count() if cuda else 4))
+    try:
+        cfg.check_world(world_size)
+    except ValueError as error:
+        _fail(error, rank)
+
+    if under_torchrun:
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+        try:
+            report = run_rank(rank, world_size, cfg)
+            ok = torch.tensor([report["ok"] if rank == 0 else 0], device="cuda" if cuda else "cpu")
+            dist.broadcast(ok, src=0)  # every rank exits with the verdict
+            passed = bool(ok.item())
+        finally:
+            dist.destroy_process_group()
+    else:
+        threads = max(1, (os.cpu_count() or 1) // world_size)
+        try:
+            report = run_world(world_size, run_rank, cfg, timeout=3600, threads=threads,
+                               backend="nccl" if cuda else "gloo")[0]
+        except WorldFailed as error:
+            print(f"launch.demo: a rank failed:\n{error}", file=sys.stderr)
+            return 1
+        passed = report["ok"]
+    if rank == 0:
+        print_report(report)
+        if cfg.json:
+            with open(cfg.json, "w") as f:
+                json.dump(report, f, indent=2)
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":

@@ -22,10 +22,12 @@ import torch.multiprocessing as mp
 PROCESS_GROUP_TIMEOUT_S = 30
 
 
-def _worker(rank, world_size, store_path, fn, args, results, pg_timeout_s, threads):
+def _worker(rank, world_size, store_path, fn, args, results, pg_timeout_s, threads, backend):
     torch.set_num_threads(threads)
     try:
-        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size,
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=f"file://{store_path}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=pg_timeout_s))
         results.put((rank, True, fn(rank, world_size, *args)))
     except BaseException:  # reported to the parent, which fails the test with it
@@ -39,9 +41,10 @@ class WorldFailed(RuntimeError):
     """A rank raised or died, or the world ran out of time."""
 
 
-def run_world(world_size, fn, *args, timeout=300, pg_timeout_s=PROCESS_GROUP_TIMEOUT_S, threads=1):
-    """Runs ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks (``threads`` torch threads each);
-    returns the per-rank results.
+def run_world(world_size, fn, *args, timeout=300, pg_timeout_s=PROCESS_GROUP_TIMEOUT_S, threads=1,
+              backend="gloo"):
+    """Runs ``fn(rank, world_size, *args)`` on ``world_size`` ranks (``threads`` torch threads each);
+    returns the per-rank results. ``backend="nccl"`` puts rank r on GPU r.
 
     ``fn`` must be a module-level function (it is pickled into spawned processes). Raises WorldFailed
     with every failing rank's traceback, when a rank dies, or when the world does not finish within
@@ -52,7 +55,7 @@ def run_world(world_size, fn, *args, timeout=300, pg_timeout_s=PROCESS_GROUP_TIM
     fd, store_path = tempfile.mkstemp(prefix="dist_attn_store_")
     os.close(fd)
     os.unlink(store_path)  # the file store creates it
-    procs = [ctx.Process(target=_worker, args=(rank, world_size, store_path, fn, args, results, pg_timeout_s, threads),
+    procs = [ctx.Process(target=_worker, args=(rank, world_size, store_path, fn, args, results, pg_timeout_s, threads, backend),
                          daemon=True) for rank in range(world_size)]
     for proc in procs:
         proc.start()
