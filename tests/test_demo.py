@@ -59,3 +59,13 @@ def test_bad_config_is_one_clear_line(args, message):
     assert run.returncode == 2, run.stdout + run.stderr
     assert message in run.stderr and "Traceback" not in run.stderr
     assert run.stderr.strip().count("\n") == 0, run.stderr
+
+
+def test_run_sh_launches_the_demo_under_torchrun():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "TRITON_INTERPRET")}
+    env.update(PYTHONPATH=str(ROOT), PYTHON=sys.executable, NGPU="2", MASTER_PORT="29517")
+    run = subprocess.run(["bash", str(ROOT / "launch" / "run.sh"), "launch.demo", *SMALL[2:]], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "verified: outputs and gradients match exact attention" in run.stdout
+    assert "ring attention on 2 rank(s)" in run.stdout
