@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from kernels import flash_attn_backward, flash_attn_forward
 from kernels.positions import mask_band, visible_range
-from kernels.validation import check_qkv, check_scale, check_window
+from kernels.validation import check_causal, check_qkv, check_scale, check_window
 
 from .comm import RingComm
 from .layouts import LAYOUTS, check_layout, check_local_length, segments
@@ -156,8 +156,7 @@ def ring_attention(q, k, v, causal=False, softmax_scale=None, layout="zigzag", g
     _, local_len, _, _, _, headdim = check_qkv(q, k, v)
     scale = check_scale(softmax_scale, headdim)
     window = check_window(window)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool; got {type(causal).__name__}")
+    check_causal(causal)
     check_layout(layout)
     if k.shape[1] != local_len:
         raise ValueError(f"q and k must hold the same tokens (one sharded sequence): local seqlen of q is "

@@ -22,7 +22,7 @@ import torch
 
 from . import torch_backend
 from .positions import Positions, mask_band
-from .validation import (check_backend, check_like, check_positions, check_qkv, check_scale,
+from .validation import (check_backend, check_causal, check_like, check_positions, check_qkv, check_scale,
                          check_window)
 
 
@@ -41,8 +41,7 @@ def _prepare(q, k, v, softmax_scale, causal, q_offset, k_offset, q_stride, k_str
     dims = check_qkv(q, k, v)
     _, seqlen_q, seqlen_k, _, _, headdim = dims
     scale = check_scale(softmax_scale, headdim)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool; got {type(causal).__name__}")
+    check_causal(causal)
     window = check_window(window)
     check_positions("q", q_offset, q_stride, seqlen_q)
     check_positions("k", k_offset, k_stride, seqlen_k)

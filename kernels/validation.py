@@ -31,6 +31,11 @@ def check_window(window):
     return tuple(window)
 
 
+def check_causal(causal):
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool; got {type(causal).__name__}")
+
+
 def check_qkv(q, k, v):
     """Shapes, dtypes and devices of q, k, v in the flash-attn layout; returns the dimensions."""
     for name, t in (("q", q), ("k", k), ("v", v)):
