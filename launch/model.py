@@ -1,0 +1,82 @@
+"""A small decoder-only transformer whose attention layers run ``dist_attn.ring_attention``.
+
+Every rank of a sequence-parallel (SP) group holds its shard of the same sequences (``dist_attn.shard``
+with the group's layout) and runs the whole model on it: embeddings, projections, MLPs and the LM head
+act token by token, so only attention needs the other ranks, and the ring gives it exactly. RoPE
+rotates queries and keys by their *global* positions (``dist_attn.global_positions``), so the model
+computes the same function for every SP size and layout. Pre-norm blocks, grouped-query attention
+(``kv_heads`` key/value heads shared by ``heads // kv_heads`` query heads each), GELU MLP.
+
+    model = Transformer(vocab=64, dim=64, layers=2, heads=4, kv_heads=2)
+    logits = model(ids_local, positions_local, layout="zigzag", group=sp_group)   # (B, T_local, vocab)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+
+from dist_attn import ring_attention
+
+ROPE_THETA = 10_000.0
+
+
+def rope_angles(positions, headdim):
+    """cos and sin, each (T, 1, hs/2), of the rotation at every global position (float32)."""
+    inv_freq = ROPE_THETA ** -(torch.arange(0, headdim, 2, device=positions.device, dtype=torch.float32) / headdim)
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, hs/2)
+    return angles.cos()[:, None, :], angles.sin()[:, None, :]
+
+
+def apply_rope(x, cos, sin):
+    """Rotates the two halves of every head of x (B, T, nh, hs) as the real and imaginary parts."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, T, nh, hs/2) each
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads, kv_heads):
+        super().__init__()
+        self.headdim = dim // heads
+        self.wq = nn.Linear(dim, heads * self.headdim, bias=False)
+        self.wkv = nn.Linear(dim, 2 * kv_heads * self.headdim, bias=False)
+        self.wo = nn.Linear(heads * self.headdim, dim, bias=False)
+
+    def forward(self, x, rope, layout, group):
+        q = rearrange(self.wq(x), "b t (h d) -> b t h d", d=self.headdim)  # (B, T, nh, hs)
+        k, v = rearrange(self.wkv(x), "b t (two h d) -> two b t h d", two=2, d=self.headdim)  # (B, T, nkv, hs)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        y = ring_attention(q, k, v, causal=True, layout=layout, group=group)  # (B, T, nh, hs), over all of T
+        return self.wo(rearrange(y, "b t h d -> b t (h d)"))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads, kv_heads):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim, bias=False), nn.LayerNorm(dim, bias=False)
+        self.attn = Attention(dim, heads, kv_heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim, bias=False), nn.GELU(), nn.Linear(4 * dim, dim, bias=False))
+
+    def forward(self, x, rope, layout, group):
+        x = x + self.attn(self.norm1(x), rope, layout, group)
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, vocab, dim, layers, heads, kv_heads):
+        super().__init__()
+        self.headdim = dim // heads
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(Block(dim, heads, kv_heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim, bias=False)
+        self.head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, ids, positions, layout="zigzag", group=None):
+        """ids (B, T) and positions (T,): this rank's tokens and their global positions; every rank of
+        ``group`` calls it together. Returns logits (B, T, vocab) for this rank's tokens."""
+        rope = rope_angles(positions, self.headdim)
+        x = self.embed(ids)  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, rope, layout, group)
+        return self.head(self.norm(x))  # (B, T, vocab)
