@@ -1,11 +1,14 @@
 """Exact attention over sequences sharded across the ranks of a process group (ring attention).
 
 ``shard``/``gather`` place a sequence on the ranks (layouts "contiguous", "zigzag", "striped");
-``ring_attention`` runs attention over the whole sequence with each rank holding its part. See
+``ring_attention`` runs attention over the whole sequence with each rank holding its part;
+``usp_attention`` adds Ulysses all-to-all head sharding inside groups of adjacent ranks. See
 shared/DESIGN.md for the design; ``kernels`` holds the single-device kernel every ring step runs.
 """
 
 from .layouts import LAYOUTS, gather, global_positions, shard
 from .ring import ring_attention
+from .ulysses import heads_to_seq, seq_to_heads, usp_attention, usp_gather, usp_positions, usp_shard
 
-__all__ = ["LAYOUTS", "gather", "global_positions", "ring_attention", "shard"]
+__all__ = ["LAYOUTS", "gather", "global_positions", "heads_to_seq", "ring_attention", "seq_to_heads", "shard",
+           "usp_attention", "usp_gather", "usp_positions", "usp_shard"]

@@ -18,7 +18,8 @@ _meters = []  # open traffic_meter() lists
 
 @contextlib.contextmanager
 def traffic_meter():
-    """Records the size in bytes of every message this process sends through a RingComm while open.
+    """Records the size in bytes of every message this process sends (ring steps, Ulysses all-to-alls)
+    while open.
 
         with traffic_meter() as sent:
             ring_attention(q, k, v).sum().backward()
@@ -30,6 +31,12 @@ def traffic_meter():
         yield sent
     finally:
         _meters.remove(sent)
+
+
+def record_traffic(nbytes):
+    """Adds one message of ``nbytes`` to every open traffic_meter."""
+    for sent in _meters:
+        sent.append(nbytes)
 
 
 class RingComm:
@@ -58,8 +65,7 @@ class RingComm:
         ops = [dist.P2POp(dist.isend, send, self.next_rank, self.group, self.tag),
                dist.P2POp(dist.irecv, recv, self.prev_rank, self.group, self.tag)]
         self._pending = dist.batch_isend_irecv(ops)
-        for sent in _meters:
-            sent.append(send.numel() * send.element_size())
+        record_traffic(send.numel() * send.element_size())
         return recv
 
     def wait(self):

@@ -1,0 +1,160 @@
+"""Ulysses (all-to-all head/sequence re-sharding) and the hybrid Ulysses x ring attention (USP).
+
+Ulysses (Jacobs et al. 2023, DeepSpeed-Ulysses) trades the sequence shard for a head shard with one
+all-to-all: each of u ranks holding L tokens of all H heads ends up with u*L tokens of H/u heads, runs
+attention locally, and a second all-to-all brings the output back. Its degree is capped by the head
+count; a ring has no such cap but sends K/V every step. USP (Fang and Zhao 2024, yunchang) combines
+them: Ulysses inside a group of u adjacent ranks (fast links), ``ring_attention`` across r such
+groups, so the sequence spans u*r ranks.
+
+Sharding contract (``usp_shard``): ring rank rr holds ``shard(x, layout, rr, r)`` of the full
+sequence, and that ring shard is cut into u contiguous equal pieces, piece ur on Ulysses rank ur. The
+Ulysses all-to-all then reassembles exactly the ring shard, with H/u heads, on every rank of the group.
+
+GQA: K/V heads are split like query heads when ``nheads_kv % u == 0``; when ``nheads_kv < u`` and
+``u % nheads_kv == 0`` each K/V head is replicated ``u // nheads_kv`` times, the least that gives every
+Ulysses rank one (query head h keeps reading K/V head ``h // (nheads // nheads_kv)``); anything else
+is an error.
+
+    out_local = usp_attention(q_local, k_local, v_local, causal=True, layout="zigzag",
+                              ulysses_group=groups.ulysses_group, ring_group=groups.ring_group)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from kernels import flash_attn_func
+from kernels.validation import check_causal, check_qkv, check_scale, check_window
+
+from .comm import record_traffic
+from .layouts import check_layout, check_local_length, chunks_per_rank, gather, global_positions, shard
+from .ring import ring_attention
+
+
+def _degree(group):
+    """(rank, size) in ``group``; None is a group of one."""
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _all_to_all(x, group):
+    """x: (u, ...) with x[j] for rank j; returns (u, ...) with [i] from rank i."""
+    x = x.contiguous()
+    out = torch.empty_like(x)  # after contiguous(): empty_like keeps a permuted input's strides
+    dist.all_to_all_single(out, x, group=group)
+    record_traffic(x[0].numel() * x.element_size() * (x.shape[0] - 1))  # what leaves this rank
+    return out
+
+
+class _SeqToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _seq_to_heads(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _heads_to_seq(grad, ctx.group), None
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _heads_to_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _seq_to_heads(grad, ctx.group), None
+
+
+def _seq_to_heads(x, group):
+    _, u = _degree(group)
+    batch, seqlen, nheads, headdim = x.shape
+    parts = x.reshape(batch, seqlen, u, nheads // u, headdim).permute(2, 0, 1, 3, 4)  # (u, B, L, H/u, D) by head group
+    received = _all_to_all(parts, group)  # (u, B, L, H/u, D) by sequence piece
+    return received.permute(1, 0, 2, 3, 4).reshape(batch, u * seqlen, nheads // u, headdim)
+
+
+def _heads_to_seq(x, group):
+    _, u = _degree(group)
+    batch, seqlen, nheads, headdim = x.shape
+    parts = x.reshape(batch, u, seqlen // u, nheads, headdim).permute(1, 0, 2, 3, 4)  # (u, B, L/u, H/u, D) by piece
+    received = _all_to_all(parts, group)  # (u, B, L/u, H/u, D) by head group
+    return received.permute(1, 2, 0, 3, 4).reshape(batch, seqlen // u, u * nheads, headdim)
+
+
+def seq_to_heads(x, group):
+    """(B, L, H, D) sequence-sharded -> (B, u*L, H/u, D) head-sharded over ``group`` (differentiable)."""
+    if _degree(group)[1] == 1:
+        return x
+    return _SeqToHeads.apply(x, group)
+
+
+def heads_to_seq(x, group):
+    """The inverse of ``seq_to_heads``: (B, u*L, H/u, D) -> (B, L, H, D) (differentiable)."""
+    if _degree(group)[1] == 1:
+        return x
+    return _HeadsToSeq.apply(x, group)
+
+
+def usp_shard(x, layout, ulysses_rank, ulysses_size, ring_rank, ring_size, dim=1):
+    """This rank's tokens of the full sequence ``x`` (pure slicing; see the sharding contract above)."""
+    ring_shard = shard(x, layout=layout, rank=ring_rank, world_size=ring_size, dim=dim)
+    if ring_shard.shape[dim] % ulysses_size:
+        raise ValueError(f"sequence length ({x.shape[dim]}) must be a multiple of "
+                         f"{ring_size * chunks_per_rank(layout) * ulysses_size} for layout={layout!r} with "
+                         f"ring degree {ring_size} and Ulysses degree {ulysses_size}")
+    return ring_shard.chunk(ulysses_size, dim=dim)[ulysses_rank]
+
+
+def usp_positions(layout, ulysses_rank, ulysses_size, ring_rank, ring_size, local_len, device=None):
+    """Global position of every local token under ``usp_shard`` (1-D int64): for RoPE and labels."""
+    ring_positions = global_positions(layout, ring_rank, ring_size, local_len * ulysses_size, device=device)
+    return ring_positions.chunk(ulysses_size)[ulysses_rank]
+
+
+def usp_gather(x_local, layout, ulysses_group=None, ring_group=None, dim=1):
+    """The full sequence from every rank's ``usp_shard`` piece (collective over both groups)."""
+    _, u = _degree(ulysses_group)
+    ring_shard = x_local
+    if u > 1:
+        pieces = [torch.empty_like(x_local) for _ in range(u)]
+        dist.all_gather(pieces, x_local.contiguous(), group=ulysses_group)
+        ring_shard = torch.cat(pieces, dim=dim)
+    if _degree(ring_group)[1] == 1:
+        return ring_shard
+    return gather(ring_shard, layout=layout, group=ring_group, dim=dim)
+
+
+def usp_attention(q, k, v, causal=False, softmax_scale=None, layout="zigzag", ulysses_group=None, ring_group=None,
+                  window=None):
+    """Exact attention over a sequence sharded across Ulysses x ring groups (``usp_shard``). Differentiable.
+
+    q: (batch, local_seqlen, nheads, headdim), k/v: (batch, local_seqlen, nheads_kv, headdim) on every rank
+    of both groups; ``None`` for a group means degree 1. Returns this rank's output, like q.
+    """
+    _, _, _, nheads, nheads_kv, headdim = check_qkv(q, k, v)
+    scale = check_scale(softmax_scale, headdim)
+    window = check_window(window)
+    check_causal(causal)
+    check_layout(layout)
+    _, u = _degree(ulysses_group)
+    _, r = _degree(ring_group)
+    if nheads % u:
+        raise ValueError(f"nheads ({nheads}) must be divisible by the Ulysses degree ({u})")
+    if nheads_kv % u:
+        if u % nheads_kv:
+            raise ValueError(f"nheads_kv ({nheads_kv}) must divide or be a multiple of the Ulysses degree ({u})")
+        k, v = (x.repeat_interleave(u // nheads_kv, dim=2) for x in (k, v))  # one K/V head per Ulysses rank
+    q, k, v = (seq_to_heads(x, ulysses_group) for x in (q, k, v))  # (B, u*L, H/u, D): this ring rank's shard
+    if r == 1:  # the whole sequence, in order, is here
+        out = flash_attn_func(q, k, v, causal=causal, softmax_scale=scale, window=window)
+    else:
+        check_local_length(layout, q.shape[1])
+        out = ring_attention(q, k, v, causal=causal, softmax_scale=scale, layout=layout, group=ring_group,
+                             window=window)
+    return heads_to_seq(out, ulysses_group)

@@ -1,0 +1,132 @@
+"""Ulysses all-to-all and hybrid Ulysses x ring attention over real gloo worlds, vs float64 attention."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from attention_checks import max_error, reference_with_grads
+from launch.spawn import run_world
+
+FWD_TOL, GRAD_TOL = 2e-5, 1e-4
+HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}  # with u=4, gqa and mqa replicate K/V heads
+
+
+def make_groups(world_size, ulysses):
+    """(ulysses_group, ring_group) for Ulysses on adjacent ranks; every rank creates every group."""
+    rank, ring = dist.get_rank(), world_size // ulysses
+    mine = {}
+    for first in range(0, world_size, ulysses):
+        group = dist.new_group(list(range(first, first + ulysses)))
+        if rank in range(first, first + ulysses):
+            mine["ulysses"] = group
+    for offset in range(ulysses):
+        group = dist.new_group(list(range(offset, world_size, ulysses)))
+        if rank % ulysses == offset:
+            mine["ring"] = group
+    return (mine["ulysses"] if ulysses > 1 else None), (mine["ring"] if ring > 1 else None)
+
+
+def cases_for(world_size):
+    degrees = [(2, 1)] if world_size == 2 else [(1, 4), (2, 2), (4, 1)]
+    cases = []
+    for ulysses, ring in degrees:
+        for causal in (False, True):
+            for heads in HEADS:
+                cases.append(dict(ulysses=ulysses, ring=ring, causal=causal, heads=heads, layout="zigzag"))
+        cases.append(dict(ulysses=ulysses, ring=ring, causal=True, heads="gqa", layout="striped"))
+    return cases
+
+
+def case_id(case):
+    return "-".join(str(v) for v in case.values())
+
+
+def run_cases(rank, world_size, cases):
+    from dist_attn import usp_attention, usp_gather, usp_shard
+    from dist_attn.comm import traffic_meter
+
+    groups = {u: make_groups(world_size, u) for u in sorted({c["ulysses"] for c in cases})}
+    results = {}
+    for case in cases:
+        ulysses_group, ring_group = groups[case["ulysses"]]
+        u, r = case["ulysses"], case["ring"]
+        ulysses_rank, ring_rank = rank % u, rank // u
+        nheads, nheads_kv = HEADS[case["heads"]]
+        seqlen = 2 * r * u * 5  # odd pieces: 5 tokens per Ulysses rank per zigzag chunk
+        gen = torch.Generator().manual_seed(seqlen + nheads_kv)
+        q = torch.randn(2, seqlen, nheads, 8, generator=gen)
+        k, v = (torch.randn(2, seqlen, nheads_kv, 8, generator=gen) for _ in range(2))
+        dout = torch.randn(q.shape, generator=gen)
+        layout, causal = case["layout"], case["causal"]
+
+        def local(x):
+            return usp_shard(x, layout, ulysses_rank, u, ring_rank, r)
+
+        inputs = [local(x).requires_grad_() for x in (q, k, v)]
+        with traffic_meter() as sent:
+            out = usp_attention(*inputs, causal=causal, layout=layout, ulysses_group=ulysses_group,
+                                ring_group=ring_group)
+        out.backward(local(dout))
+        gathered = [usp_gather(t.detach(), layout, ulysses_group, ring_group) for t in (out, *(x.grad for x in inputs))]
+        if rank == 0:
+            ref_out, _, *ref_grads = reference_with_grads(q, k, v, dout, causal)
+            errors = {name: max_error(got, ref) for name, got, ref in
+                      zip(("out", "dq", "dk", "dv"), gathered, (ref_out, *ref_grads))}
+            results[case_id(case)] = dict(errors=errors, forward_bytes=sum(sent))
+    return results
+
+
+@functools.lru_cache(maxsize=None)
+def world_results(world_size):
+    return run_world(world_size, run_cases, cases_for(world_size), timeout=600)[0]
+
+
+ALL = [(w, c) for w in (2, 4) for c in cases_for(w)]
+
+
+@pytest.mark.parametrize("world_size,case", ALL, ids=[f"w{w}-{case_id(c)}" for w, c in ALL])
+def test_usp_matches_full_attention(world_size, case):
+    errors = world_results(world_size)[case_id(case)]["errors"]
+    assert errors["out"] <= FWD_TOL, errors
+    assert max(errors["dq"], errors["dk"], errors["dv"]) <= GRAD_TOL, errors
+
+
+def test_forward_traffic_matches_the_formula():
+    """Bytes one rank sends in a forward: Ulysses moves (u-1)/u of q, k, v and out; the ring (r-1) K/V blocks."""
+    for case in cases_for(4):
+        u, r = case["ulysses"], case["ring"]
+        nheads, nheads_kv = HEADS[case["heads"]]
+        local_len, headdim, batch, elem = 2 * r * u * 5 // (u * r), 8, 2, 4
+        kv_heads = max(nheads_kv, u) if u > 1 else nheads_kv  # replicated up to one per Ulysses rank
+        token_bytes = batch * local_len * headdim * elem  # one head of this rank's tokens
+        ulysses = (u - 1) * token_bytes * (2 * nheads + 2 * kv_heads) // u if u > 1 else 0
+        ring = (r - 1) * 2 * batch * local_len * u * (kv_heads // u) * headdim * elem
+        measured = world_results(4)[case_id(case)]["forward_bytes"]
+        assert measured == ulysses + ring, (case, measured, ulysses, ring)
+
+
+def bad_heads(rank, world_size, nheads, nheads_kv):
+    from dist_attn import usp_attention
+
+    ulysses_group, ring_group = make_groups(world_size, world_size)
+    q, kv = torch.randn(1, 4, nheads, 8), torch.randn(1, 4, nheads_kv, 8)
+    try:
+        usp_attention(q, kv, kv, ulysses_group=ulysses_group, ring_group=ring_group)
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
+@pytest.mark.parametrize("nheads,nheads_kv,message", [
+    (3, 3, r"nheads \(3\) must be divisible by the Ulysses degree \(2\)"),
+    (6, 3, r"nheads_kv \(3\) must divide or be a multiple of the Ulysses degree \(2\)"),
+])
+def test_heads_that_do_not_split_are_an_error_on_every_rank(nheads, nheads_kv, message):
+    import re
+
+    messages = run_world(2, bad_heads, nheads, nheads_kv, timeout=120)
+    assert all(re.search(message, m) for m in messages), messages
