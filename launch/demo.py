@@ -278,7 +278,8 @@ def main(argv=None) -> int:
     else:
         threads = max(1, (os.cpu_count() or 1) // world_size)
         try:
-            report = run_world(world_size, run_rank, cfg, timeout=3600, threads=threads,
+            # long process-group timeout: the first iteration may autotune or compile for minutes
+            report = run_world(world_size, run_rank, cfg, timeout=3600, pg_timeout_s=1800, threads=threads,
                                backend="nccl" if cuda else "gloo")[0]
         except WorldFailed as error:
             print(f"launch.demo: a rank failed:\n{error}", file=sys.stderr)
