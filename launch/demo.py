@@ -135,9 +135,10 @@ def _inputs(cfg):
     return [torch.randn(shape, generator=gen).to(DTYPES[cfg.dtype]) for shape in shapes]
 
 
-def reference(q, k, v, dout, causal):
-    """Exact attention and its gradients in float64, chunked (kernels.torch_backend), on the full sequence."""
-    q, k, v, dout = (x.double() for x in (q, k, v, dout))
+def reference(q, k, v, dout, causal, device):
+    """Exact attention and its gradients in float64, chunked (kernels.torch_backend), on the full sequence,
+    computed on ``device`` (a GPU's float64 units make long sequences feasible)."""
+    q, k, v, dout = (x.to(device, torch.float64) for x in (q, k, v, dout))
     positions = Positions(0, 1, q.shape[1])
     band = mask_band(causal, None, positions, positions)
     scale = q.shape[-1] ** -0.5
@@ -182,10 +183,10 @@ def run_rank(rank, world_size, cfg: DemoConfig):
     out = out.detach()
     if rank == cfg.corrupt_rank:
         out = out + 1e-2
-    gathered = [gather(t, layout=cfg.layout).cpu() for t in (out, q.grad, k.grad, v.grad)]
+    gathered = [gather(t, layout=cfg.layout) for t in (out, q.grad, k.grad, v.grad)]
     if rank != 0:
         return None
-    return _report(cfg, world_size, device, gathered, reference(*full, cfg.causal), times, traffic, peak.item())
+    return _report(cfg, world_size, device, gathered, reference(*full, cfg.causal, device), times, traffic, peak.item())
 
 
 def _report(cfg, world_size, device, results, exact, times, traffic, peak_bytes):
