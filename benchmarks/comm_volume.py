@@ -26,7 +26,6 @@ import sys
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from benchmarks.common import RESULTS_DIR, md_row, versions, write_result
 from launch.spawn import run_world
@@ -73,35 +72,22 @@ def formula(cfg, ulysses, ring):
     return all_to_all + ring_kv, all_to_all + ring_kv + ring_dkv
 
 
-def _groups(world_size, ulysses):
-    """(Ulysses group, ring group) of this rank, Ulysses on adjacent ranks; every rank creates every group."""
-    rank, mine = dist.get_rank(), {}
-    for first in range(0, world_size, ulysses):
-        group = dist.new_group(list(range(first, first + ulysses)))
-        if first <= rank < first + ulysses:
-            mine["ulysses"] = group
-    for offset in range(ulysses):
-        group = dist.new_group(list(range(offset, world_size, ulysses)))
-        if rank % ulysses == offset:
-            mine["ring"] = group
-    return (mine["ulysses"] if ulysses > 1 else None), (mine["ring"] if world_size // ulysses > 1 else None)
-
-
 def _measure(rank, world_size, cfg):
     """{strategy: (forward bytes, backward bytes)} sent by this rank."""
     from dist_attn import usp_attention
     from dist_attn.comm import traffic_meter
+    from dist_attn.groups import sequence_parallel_groups
 
     dtype, sent = DTYPES[cfg.dtype], {}
     for name, (u, r) in cfg.strategies().items():
-        ulysses_group, ring_group = _groups(world_size, u)
+        groups = sequence_parallel_groups(u, r)
         local = cfg.seqlen // world_size
         q = torch.randn(cfg.batch, local, cfg.heads, cfg.headdim, dtype=dtype, requires_grad=True)
         k, v = (torch.randn(cfg.batch, local, cfg.kv_heads, cfg.headdim, dtype=dtype, requires_grad=True)
                 for _ in range(2))
         with traffic_meter() as forward:
-            out = usp_attention(q, k, v, causal=True, layout="zigzag", ulysses_group=ulysses_group,
-                                ring_group=ring_group)
+            out = usp_attention(q, k, v, causal=True, layout="zigzag", ulysses_group=groups.ulysses_group,
+                                ring_group=groups.ring_group)
         with traffic_meter() as backward:
             out.backward(torch.randn_like(out))
         sent[name] = (sum(forward), sum(backward))

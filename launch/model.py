@@ -35,10 +35,16 @@ def apply_rope(x, cos, sin):
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+def ring_self_attention(q, k, v, layout, group):
+    """The default attention: causal ring attention over the SP group."""
+    return ring_attention(q, k, v, causal=True, layout=layout, group=group)
+
+
 class Attention(nn.Module):
-    def __init__(self, dim, heads, kv_heads):
+    def __init__(self, dim, heads, kv_heads, attention=None):
         super().__init__()
         self.headdim = dim // heads
+        self.attention = attention or ring_self_attention  # (q, k, v, layout, group) -> (B, T, nh, hs)
         self.wq = nn.Linear(dim, heads * self.headdim, bias=False)
         self.wkv = nn.Linear(dim, 2 * kv_heads * self.headdim, bias=False)
         self.wo = nn.Linear(heads * self.headdim, dim, bias=False)
@@ -47,15 +53,15 @@ class Attention(nn.Module):
         q = rearrange(self.wq(x), "b t (h d) -> b t h d", d=self.headdim)  # (B, T, nh, hs)
         k, v = rearrange(self.wkv(x), "b t (two h d) -> two b t h d", two=2, d=self.headdim)  # (B, T, nkv, hs)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = ring_attention(q, k, v, causal=True, layout=layout, group=group)  # (B, T, nh, hs), over all of T
+        y = self.attention(q, k, v, layout, group)  # (B, T, nh, hs), over the whole sequence of the SP group
         return self.wo(rearrange(y, "b t h d -> b t (h d)"))
 
 
 class Block(nn.Module):
-    def __init__(self, dim, heads, kv_heads):
+    def __init__(self, dim, heads, kv_heads, attention=None):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim, bias=False), nn.LayerNorm(dim, bias=False)
-        self.attn = Attention(dim, heads, kv_heads)
+        self.attn = Attention(dim, heads, kv_heads, attention)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim, bias=False), nn.GELU(), nn.Linear(4 * dim, dim, bias=False))
 
     def forward(self, x, rope, layout, group):
@@ -64,11 +70,14 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, vocab, dim, layers, heads, kv_heads):
+    """``attention(q, k, v, layout, group)`` replaces every layer's ring attention when given (the
+    DeepSpeed example passes Ulysses x ring attention); it must not hold parameters."""
+
+    def __init__(self, vocab, dim, layers, heads, kv_heads, attention=None):
         super().__init__()
         self.headdim = dim // heads
         self.embed = nn.Embedding(vocab, dim)
-        self.blocks = nn.ModuleList(Block(dim, heads, kv_heads) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(dim, heads, kv_heads, attention) for _ in range(layers))
         self.norm = nn.LayerNorm(dim, bias=False)
         self.head = nn.Linear(dim, vocab, bias=False)
 

@@ -6,7 +6,6 @@ import functools
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from attention_checks import max_error, reference_with_grads
 from launch.spawn import run_world
@@ -16,18 +15,11 @@ HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}  # with u=4, gqa and mqa r
 
 
 def make_groups(world_size, ulysses):
-    """(ulysses_group, ring_group) for Ulysses on adjacent ranks; every rank creates every group."""
-    rank, ring = dist.get_rank(), world_size // ulysses
-    mine = {}
-    for first in range(0, world_size, ulysses):
-        group = dist.new_group(list(range(first, first + ulysses)))
-        if rank in range(first, first + ulysses):
-            mine["ulysses"] = group
-    for offset in range(ulysses):
-        group = dist.new_group(list(range(offset, world_size, ulysses)))
-        if rank % ulysses == offset:
-            mine["ring"] = group
-    return (mine["ulysses"] if ulysses > 1 else None), (mine["ring"] if ring > 1 else None)
+    """(ulysses_group, ring_group) of this rank, Ulysses on adjacent ranks."""
+    from dist_attn.groups import sequence_parallel_groups
+
+    groups = sequence_parallel_groups(ulysses, world_size // ulysses)
+    return groups.ulysses_group, groups.ring_group
 
 
 def cases_for(world_size):
