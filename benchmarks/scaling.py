@@ -81,6 +81,8 @@ import torch
 
 from benchmarks.common import RESULTS_DIR, machine_name, md_row, versions, write_result
 from benchmarks.comm_volume import formula as volume_formula
+from benchmarks.ring_sim import full_count
+from dist_attn.layouts import segments
 
 ELEM_BYTES = {"float32": 4, "bfloat16": 2}
 ACC_BYTES = 4                      # fp32 dK/dV accumulators
@@ -180,13 +182,11 @@ def _causal_count(a, b, s, n, m):
 
 
 def _segs(layout, ranks, w, L):
-    """(offset array, stride, length) per segment of every rank in ``ranks`` (dist_attn.layouts.segments)."""
-    if layout == "contiguous":
-        return [(ranks * L, 1, L)]
-    if layout == "striped":
-        return [(ranks, w, L)]
-    h = L // 2
-    return [(ranks * h, 1, h), ((2 * w - 1 - ranks) * h, 1, h)]
+    """(offset array shaped like ``ranks``, stride, length) per segment index, from
+    ``dist_attn.layouts.segments`` (the only place that knows which positions a rank holds)."""
+    per_rank = [segments(layout, rank, w, L) for rank in range(w)]
+    return [(np.array([segs[i].offset for segs in per_rank], dtype=np.int64)[ranks], seg.stride, seg.length)
+            for i, seg in enumerate(per_rank[0])]
 
 
 @lru_cache(maxsize=None)
@@ -201,10 +201,6 @@ def pair_counts(layout, w, L, causal):
         for ka, _, m in _segs(layout, src, w, L):
             total += _causal_count(qa, ka, s, n, m)
     return total
-
-
-def full_pairs(N, causal):
-    return N * (N + 1) // 2 if causal else N * N
 
 
 def kernel_time(pairs, shape, heads, hw, bwd):
@@ -271,7 +267,7 @@ def model(strategy, shape, hw, N, w):
         fwd, bwd = ring_times(shape, hw, hw.link(w), strategy[5:], w, L, H, kv_block)
     elif strategy == "ulysses":
         a2a = 4 * hw.link(w).alpha_s + all_to_all_bytes(shape, N, w, w) / hw.link(w).beta_bytes_per_s if w > 1 else 0.0
-        pairs = full_pairs(N, shape.causal)
+        pairs = full_count(N, shape.causal)
         fwd = a2a + kernel_time(pairs, shape, H // w, hw, False) + hw.overhead_s
         bwd = a2a + kernel_time(pairs, shape, H // w, hw, True) + hw.overhead_s
     elif strategy == "hybrid":
@@ -290,7 +286,7 @@ def model(strategy, shape, hw, N, w):
             + hw.overhead_s
     else:
         raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
-    pairs = full_pairs(N, shape.causal)
+    pairs = full_count(N, shape.causal)
     single = kernel_time(pairs, shape, H, hw, False) + kernel_time(pairs, shape, H, hw, True)
     return dict(fwd=fwd, bwd=bwd, total=fwd + bwd, efficiency=single / (w * (fwd + bwd)),
                 memory=memory_per_rank(strategy, shape, N, w, hw))
@@ -376,7 +372,7 @@ def measure_cpu_throughput(seqlens, threads, shape, iters=3):
                     if it:
                         ts.append((t1 - t0, t2 - t1))
                 fwd_s, bwd_s = (statistics.median(x[i] for x in ts) for i in (0, 1))
-                flops = full_pairs(n, shape.causal) * shape.batch * shape.heads * FWD_FLOPS_PER_PAIR * shape.headdim
+                flops = full_count(n, shape.causal) * shape.batch * shape.heads * FWD_FLOPS_PER_PAIR * shape.headdim
                 rows.append((n, fwd_s, bwd_s, flops / fwd_s, flops * BWD_FACTOR / bwd_s))
             out[t] = (statistics.median(r[3] for r in rows), statistics.median(r[4] for r in rows), rows)
     finally:
