@@ -59,3 +59,22 @@ def visible_range(a_first, a_last, b: Positions, below, above):
 def fully_visible(a_first, a_last, b_first, b_last, below, above):
     """Every pair (a in [a_first, a_last], b in [b_first, b_last]) lies inside the band."""
     return b_first >= a_last - below and b_last <= a_first + above
+
+
+class PackedPair(NamedTuple):
+    """One sequence of a packed (variable-length) call: query rows ``[q_start, q_start + q.length)``
+    at positions ``q``, key rows ``[k_start, k_start + k.length)`` at positions ``k``, and their band."""
+    q_start: int
+    q: Positions
+    k_start: int
+    k: Positions
+    below: int
+    above: int
+
+    @property
+    def q_rows(self):
+        return slice(self.q_start, self.q_start + self.q.length)
+
+    @property
+    def k_rows(self):
+        return slice(self.k_start, self.k_start + self.k.length)

@@ -106,3 +106,24 @@ def backward(dout, q, k, v, out, lse, scale, qpos: Positions, kpos: Positions, b
         dq[..., qs, :] += dscores @ kg[..., ks, :]
         dk[..., ks, :] += (dscores.transpose(-1, -2) @ qg[..., qs, :]).sum(2, keepdim=True)
     return _ungrouped(dq), _ungrouped(dk), _ungrouped(dv)
+
+
+def forward_varlen(q, k, v, scale, pairs, out, lse):
+    """Packed sequences (``PackedPair`` s), one after the other; writes into ``out`` (total_q, H, D)
+    and ``lse`` (H, total_q)."""
+    for pair in pairs:
+        rows, cols = pair.q_rows, pair.k_rows
+        part_out, part_lse = forward(q[None, rows], k[None, cols], v[None, cols], scale, pair.q, pair.k,
+                                     pair.below, pair.above, out.dtype)
+        out[rows] = part_out[0]
+        lse[:, rows] = part_lse[0]
+
+
+def backward_varlen(dout, q, k, v, out, lse, scale, pairs, dq, dk, dv):
+    """Adds each packed sequence's gradients into dq, dk, dv (total, H, D), float32."""
+    for pair in pairs:
+        rows, cols = pair.q_rows, pair.k_rows
+        grads = backward(dout[None, rows], q[None, rows], k[None, cols], v[None, cols], out[None, rows],
+                         lse[None, :, rows], scale, pair.q, pair.k, pair.below, pair.above)
+        for total, grad, span in zip((dq, dk, dv), grads, (rows, cols, cols)):
+            total[span] += grad[0]
