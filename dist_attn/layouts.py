@@ -10,6 +10,14 @@ A global sequence of ``n`` tokens is split over ``w`` ranks in one of three layo
 A rank's local block is a list of ``Segment`` s, each an arithmetic progression of global positions,
 which is exactly what the kernel takes (offset and stride): one segment for contiguous and striped,
 two for zigzag.
+
+Packed variable-length sequences (``cu_seqlens``, the global cumulative lengths, int32, same on every
+rank) are laid out sequence by sequence with the same rule. Padding rule: sequence i of length L_i is
+padded at its end to P_i, the next multiple of w (2w for zigzag), so that it splits into equal pieces;
+every rank holds P_i / w rows of it, and padded rows are zeros that the ring masks out (no query sees a
+padded key; padded query rows give output 0 and zero gradients). No sequence needs to be divisible by
+anything, and the padding is at most w - 1 (2w - 1) tokens per sequence. The local block is a list of
+``PackedSegment`` s: for zigzag, first chunk r of every sequence, then chunk 2w-1-r of every sequence.
 """
 
 from __future__ import annotations
@@ -40,6 +48,24 @@ class Segment(NamedTuple):
         return Positions(self.offset, self.stride, self.length)
 
 
+class PackedSegment(NamedTuple):
+    """Local rows ``[start, start + length)``: one piece of every packed sequence, at stride ``stride``.
+
+    ``spans[i] = (row, valid, offset)``: the piece of sequence i starts at segment row ``row`` and its
+    first ``valid`` rows sit at positions ``offset + j * stride`` of that sequence (the kernel's spans);
+    ``slots[i]`` rows belong to it, the rest being padding.
+    """
+    start: int
+    length: int
+    stride: int
+    spans: tuple
+    slots: tuple
+
+    @property
+    def rows(self):
+        return slice(self.start, self.start + self.length)
+
+
 def check_layout(layout):
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
@@ -68,8 +94,70 @@ def segments(layout, rank, world_size, local_len):
     return [Segment(0, half, rank * half, 1), Segment(half, half, (2 * world_size - 1 - rank) * half, 1)]
 
 
-def global_positions(layout, rank, world_size, local_len, device=None):
-    """1-D int64 tensor: the global position of every local row (for tests, RoPE, labels)."""
+def padded_seqlens(bounds, layout, world_size):
+    """Length of every packed sequence after padding to a multiple of w (2w for zigzag)."""
+    multiple = world_size * chunks_per_rank(layout)
+    return [-(-(end - start) // multiple) * multiple for start, end in zip(bounds, bounds[1:])]
+
+
+def packed_segments(layout, rank, world_size, bounds):
+    """The ``PackedSegment`` s of ``rank`` for packed sequences with cumulative lengths ``bounds``."""
+    check_layout(layout)
+    lengths = [end - start for start, end in zip(bounds, bounds[1:])]
+    padded = padded_seqlens(bounds, layout, world_size)
+    if layout == "zigzag":
+        chunks = (rank, 2 * world_size - 1 - rank)
+    else:
+        chunks = (rank,)
+    result, start = [], 0
+    for chunk in chunks:
+        spans, slots, row = [], [], 0
+        for length, full in zip(lengths, padded):
+            piece = full // (world_size * len(chunks))
+            if layout == "striped":  # positions rank + j * w below length
+                offset, valid = rank, max(0, -(-(length - rank) // world_size))
+            else:
+                offset = chunk * piece
+                valid = min(max(length - offset, 0), piece)
+            spans.append((row, min(valid, piece), offset))
+            slots.append(piece)
+            row += piece
+        result.append(PackedSegment(start, row, world_size if layout == "striped" else 1, tuple(spans), tuple(slots)))
+        start += row
+    return result
+
+
+def packed_local_length(bounds, layout, world_size):
+    """Rows each rank holds for packed sequences ``bounds`` (the same on every rank)."""
+    return sum(padded_seqlens(bounds, layout, world_size)) // world_size
+
+
+def _packed_rows(layout, rank, world_size, bounds):
+    """(row of the global packed tensor or -1 for padding, position in its sequence) of every local row."""
+    rows, positions = [], []
+    for seg in packed_segments(layout, rank, world_size, bounds):
+        for seq_start, (_, valid, offset), slot in zip(bounds, seg.spans, seg.slots):
+            pos = offset + seg.stride * torch.arange(slot)
+            rows.append(torch.where(torch.arange(slot) < valid, seq_start + pos, -1))
+            positions.append(pos)
+    empty = torch.zeros(0, dtype=torch.int64)
+    return torch.cat(rows or [empty]), torch.cat(positions or [empty])
+
+
+def _bounds(cu_seqlens):
+    from kernels.varlen import check_cu_seqlens  # kernels owns the cu_seqlens rules
+
+    return check_cu_seqlens("cu_seqlens", cu_seqlens, None)
+
+
+def global_positions(layout, rank, world_size, local_len=None, device=None, *, cu_seqlens=None):
+    """1-D int64 tensor: the global position of every local row (for tests, RoPE, labels).
+
+    With ``cu_seqlens`` (packed sequences): the position of each row inside its own sequence, padding
+    rows included (they continue their sequence's positions); ``local_len`` is then not needed.
+    """
+    if cu_seqlens is not None:
+        return _packed_rows(layout, rank, world_size, _bounds(cu_seqlens))[1].to(device)
     return torch.cat([seg.offset + seg.stride * torch.arange(seg.length, device=device)
                       for seg in segments(layout, rank, world_size, local_len)])
 
@@ -81,17 +169,29 @@ def _check_world(rank, world_size):
         raise ValueError(f"rank must be an int in [0, {world_size}); got {rank!r}")
 
 
-def shard(x, layout="zigzag", rank=0, world_size=1, dim=1):
+def shard(x, layout="zigzag", rank=0, world_size=1, dim=None, *, cu_seqlens=None):
     """This rank's part of the full sequence ``x`` along ``dim``: pure slicing, no communication.
 
     The sequence length must be a multiple of ``world_size`` (``2 * world_size`` for zigzag).
-    Contiguous returns a view; zigzag and striped return a contiguous copy.
+    Contiguous returns a view; zigzag and striped return a contiguous copy. ``dim`` defaults to 1
+    (``(batch, seqlen, ...)``), or to 0 with ``cu_seqlens``: then ``x`` holds packed sequences along
+    ``dim`` and each one is padded and split by the rule in the module docstring (no divisibility needed).
     """
     check_layout(layout)
     _check_world(rank, world_size)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
+    dim = (1 if cu_seqlens is None else 0) if dim is None else dim
     dim = dim % x.dim()
+    if cu_seqlens is not None:
+        bounds = _bounds(cu_seqlens)
+        if bounds[-1] != x.shape[dim]:
+            raise ValueError(f"cu_seqlens[-1] ({bounds[-1]}) must equal the packed length of x along dim {dim} "
+                             f"({x.shape[dim]})")
+        rows, _ = _packed_rows(layout, rank, world_size, bounds)
+        local = x.index_select(dim, rows.clamp(min=0).to(x.device))
+        keep = (rows >= 0).to(x.device).view([-1 if d == dim else 1 for d in range(x.dim())])
+        return torch.where(keep, local, torch.zeros_like(local))
     seqlen = x.shape[dim]
     multiple = world_size * chunks_per_rank(layout)
     if seqlen % multiple:
@@ -105,17 +205,21 @@ def shard(x, layout="zigzag", rank=0, world_size=1, dim=1):
                       for seg in segments(layout, rank, world_size, local_len)], dim=dim)
 
 
-def gather(x_local, layout="zigzag", group=None, dim=1):
+def gather(x_local, layout="zigzag", group=None, dim=None, *, cu_seqlens=None):
     """The full sequence from every rank's local part (all-gather along ``dim``, then reorder).
 
     A collective: every rank of ``group`` must call it. Not differentiable. Without an initialised
-    process group it is the identity (world size 1).
+    process group it is the identity (world size 1), except that packed sequences (``cu_seqlens``,
+    ``dim`` default 0) always lose their padding rows.
     """
     check_layout(layout)
     if not isinstance(x_local, torch.Tensor):
         raise TypeError(f"x_local must be a torch.Tensor; got {type(x_local).__name__}")
+    dim = (1 if cu_seqlens is None else 0) if dim is None else dim
     dim = dim % x_local.dim()
     world_size = dist.get_world_size(group) if dist.is_initialized() else 1
+    if cu_seqlens is not None:
+        return _gather_packed(x_local, layout, group, dim, world_size, _bounds(cu_seqlens))
     if world_size == 1:
         return x_local
     parts = [torch.empty_like(x_local) for _ in range(world_size)]
@@ -128,3 +232,21 @@ def gather(x_local, layout="zigzag", group=None, dim=1):
         for seg in segments(layout, rank, world_size, local_len):
             pieces[seg.offset] = part.narrow(dim, seg.start, seg.length)
     return torch.cat([pieces[offset] for offset in sorted(pieces)], dim=dim)
+
+
+def _gather_packed(x_local, layout, group, dim, world_size, bounds):
+    expected = packed_local_length(bounds, layout, world_size)
+    if x_local.shape[dim] != expected:
+        raise ValueError(f"x_local holds {x_local.shape[dim]} rows along dim {dim}; packed sequences cu_seqlens "
+                         f"give every rank {expected} rows for layout={layout!r} and world_size={world_size}")
+    parts = [x_local] if world_size == 1 else [torch.empty_like(x_local) for _ in range(world_size)]
+    if world_size > 1:
+        dist.all_gather(parts, x_local.contiguous(), group=group)
+    full_shape = list(x_local.shape)
+    full_shape[dim] = bounds[-1]
+    full = x_local.new_zeros(full_shape)
+    for rank, part in enumerate(parts):
+        rows, _ = _packed_rows(layout, rank, world_size, bounds)
+        kept = (rows >= 0).nonzero().flatten().to(part.device)
+        full.index_copy_(dim, rows[rows >= 0].to(part.device), part.index_select(dim, kept))
+    return full

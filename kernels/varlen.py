@@ -23,8 +23,8 @@ from .validation import (check_backend, check_causal, check_like, check_position
 
 
 def check_cu_seqlens(name, cu_seqlens, total):
-    """``cu_seqlens``: int32, 1-D, ``(batch + 1,)``, starting at 0, non-decreasing, ending at ``total``.
-    Returns it as a Python list (one device-to-host copy)."""
+    """``cu_seqlens``: int32, 1-D, ``(batch + 1,)``, starting at 0, non-decreasing, ending at ``total``
+    (unless ``total`` is None). Returns it as a Python list (one device-to-host copy)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of dtype int32; got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32:
@@ -39,7 +39,7 @@ def check_cu_seqlens(name, cu_seqlens, total):
         i = decreasing[0]
         raise ValueError(f"{name} must be non-decreasing (cumulative sequence lengths); "
                          f"{name}[{i}] = {bounds[i]} < {name}[{i - 1}] = {bounds[i - 1]}")
-    if bounds[-1] != total:
+    if total is not None and bounds[-1] != total:
         raise ValueError(f"{name}[-1] must equal the number of packed tokens ({total}); got {bounds[-1]}")
     return bounds
 
