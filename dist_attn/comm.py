@@ -1,6 +1,7 @@
 """The ring: who sends to whom, and one double-buffered transfer in flight.
 
-Each step a rank sends the block it holds to the next rank and receives the previous rank's block.
+Each step a rank sends the block it holds to the next rank and receives the previous rank's block
+(or, for the reverse ring and the return of accumulators, to and from ranks further away).
 ``send_recv`` only *starts* the transfer (``torch.distributed.batch_isend_irecv``); the caller computes
 on the block it holds and calls ``wait`` when it needs the received one, so step s+1's transfer
 overlaps step s's compute. NCCL for CUDA tensors, gloo for CPU tensors (whatever backend the group has).
@@ -42,28 +43,32 @@ def record_traffic(nbytes):
 class RingComm:
     """Peers of this rank in ``group`` and at most one pending send/recv pair.
 
-    ``tag`` keeps two rings between the same peers apart on backends that match messages by tag
-    (gloo); the backward pass runs one ring for K/V and one for the dK/dV accumulators.
+    ``tag`` keeps rings between the same peers apart on backends that match messages by tag (gloo);
+    the backward pass runs one ring for K/V and one for the dK/dV accumulators. Every rank makes the
+    same sequence of calls with the same distances, so sends and receives pair up in order (NCCL).
     """
 
     def __init__(self, group=None, tag=0):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        ranks_of = group if group is not None else dist.group.WORLD
-        self.next_rank = dist.get_global_rank(ranks_of, (self.rank + 1) % self.world_size)
-        self.prev_rank = dist.get_global_rank(ranks_of, (self.rank - 1) % self.world_size)
+        self._ranks_of = group if group is not None else dist.group.WORLD
         self.tag = tag
         self._pending = []
 
-    def send_recv(self, send, recv=None):
-        """Starts sending ``send`` to the next rank and receiving a tensor of the same shape from the
-        previous one into ``recv`` (allocated when None); returns ``recv``, valid after ``wait()``."""
+    def peer(self, distance):
+        """Global rank of the group rank ``distance`` places after this one (negative: before)."""
+        return dist.get_global_rank(self._ranks_of, (self.rank + distance) % self.world_size)
+
+    def send_recv(self, send, recv=None, distance=1):
+        """Starts sending ``send`` to the rank ``distance`` places on (default: the next rank) and
+        receiving a tensor of the same shape from the rank ``distance`` places back into ``recv``
+        (allocated when None); returns ``recv``, valid after ``wait()``."""
         if self._pending:
             raise RuntimeError("RingComm.send_recv called with a transfer still pending; call wait() first")
         recv = torch.empty_like(send) if recv is None else recv
-        ops = [dist.P2POp(dist.isend, send, self.next_rank, self.group, self.tag),
-               dist.P2POp(dist.irecv, recv, self.prev_rank, self.group, self.tag)]
+        ops = [dist.P2POp(dist.isend, send, self.peer(distance), self.group, self.tag),
+               dist.P2POp(dist.irecv, recv, self.peer(-distance), self.group, self.tag)]
         self._pending = dist.batch_isend_irecv(ops)
         record_traffic(send.numel() * send.element_size())
         return recv

@@ -16,6 +16,7 @@ accumulator of each block travels with it on a second ring and arrives home afte
 
 from __future__ import annotations
 
+import functools
 import struct
 import zlib
 
@@ -92,25 +93,103 @@ def _world(group):
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+@functools.lru_cache(maxsize=256)
+def ring_plan(layout, world_size, local_len, causal, window, bounds=None):
+    """``(forward_hops, backward_hops)``: how far K/V travel each way around the ring.
+
+    A full ring sends every block w - 1 hops forward. When a window keeps every query near its own
+    position, most blocks are needed by no rank: the block of rank r - d is needed only if
+    ``visible_pairs`` of some rank at source distance d is non-empty. Distances 1..a then travel
+    forward and w-b..w-1 backward (the zigzag's second chunk needs the *next* rank's block), with
+    a + b as small as possible; blocks nobody needs are never sent.
+    """
+    if world_size == 1:
+        return 0, 0
+    tuple_window = None if window is None else tuple(window)
+    needed = [d for d in range(1, world_size)
+              if any(visible_pairs(layout, r, (r - d) % world_size, world_size, local_len, causal, tuple_window, bounds)
+                     for r in range(world_size))]
+    if not needed:
+        return 0, 0
+    best = (needed[-1], 0)
+    for forward in [0] + needed:
+        rest = [d for d in needed if d > forward]
+        backward = world_size - rest[0] if rest else 0
+        if forward + backward < sum(best):
+            best = (forward, backward)
+    return best
+
+
+class _Relay:
+    """K/V travelling ``hops`` ranks in one direction (+1: to the next rank), double-buffered:
+    ``start(step)`` begins the transfer for step + 1, ``finish(step)`` waits and swaps buffers."""
+
+    def __init__(self, group, tag, kv, hops, direction):
+        self.comm = RingComm(group, tag) if hops else None
+        self.kv, self.spare, self.hops, self.direction = kv, None, hops, direction
+
+    def start(self, step):
+        if step < self.hops:
+            self.spare = self.comm.send_recv(self.kv, self.spare, self.direction)
+
+    def finish(self, step):
+        if step < self.hops:
+            self.comm.wait()
+            self.kv, self.spare = self.spare, self.kv
+
+
+class _GradChain:
+    """The float32 dK/dV accumulator of a travelling block: each rank adds its part and passes it on
+    (``direction``) until the last hop, which sends it straight back to the block's owner."""
+
+    def __init__(self, group, tag, hops, direction):
+        self.comm = RingComm(group, tag) if hops else None
+        self.hops, self.direction, self.incoming = hops, direction, None
+
+    def add_and_pass(self, step, dkv):
+        """``dkv``: this rank's part for the block it holds at ``step`` (the chain's first rank is at
+        step 0 forward, step 1 backward). Returns nothing; ``home()`` gives the block's total."""
+        if self.incoming is not None:
+            self.comm.wait()
+            dkv += self.incoming
+        last = step == self.hops
+        self.incoming = self.comm.send_recv(dkv, distance=-self.direction * step if last else self.direction)
+
+    def home(self):
+        self.comm.wait()
+        return self.incoming
+
+
+def _sources(rank, world_size, step, fwd_hops, bwd_hops):
+    """(relay index, source rank) of the blocks computed at ``step``: forward distance ``step`` and,
+    for the reverse relay, the rank ``step`` places ahead."""
+    if step <= fwd_hops:
+        yield 0, (rank - step) % world_size
+    if 1 <= step <= bwd_hops:
+        yield 1, (rank + step) % world_size
+
+
 class RingAttnFunc(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, layout, group, window, backend, bounds):
         rank, world_size = _world(group)
         local_len = q.shape[1]
-        comm = RingComm(group, tag=0) if world_size > 1 else None
+        fwd_hops, bwd_hops = ring_plan(layout, world_size, local_len, causal, window, bounds)
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full((q.shape[0], q.shape[2], local_len), float("-inf"), device=q.device)
-        kv, kv_next = torch.stack((k, v)), None  # one message per step: (2, batch, seqlen, nheads_kv, headdim)
-        for step in range(world_size):
-            source = (rank - step) % world_size
-            if step + 1 < world_size:
-                kv_next = comm.send_recv(kv, kv_next)
-            for q_seg, k_seg in visible_pairs(layout, rank, source, world_size, local_len, causal, window, bounds):
-                block_out, block_lse = _block_forward(q, kv, q_seg, k_seg, scale, causal, window, backend)
-                merge_(out[:, q_seg.rows], lse[:, :, q_seg.rows], block_out, block_lse)
-            if step + 1 < world_size:
-                comm.wait()
-                kv, kv_next = kv_next, kv  # the buffer just sent receives the next block
+        # one message per step: (2, batch, seqlen, nheads_kv, headdim); each relay owns its buffers
+        relays = (_Relay(group, 0, torch.stack((k, v)), fwd_hops, 1),
+                  _Relay(group, 3, torch.stack((k, v)) if bwd_hops else None, bwd_hops, -1))
+        for step in range(max(fwd_hops, bwd_hops) + 1):
+            for relay in relays:
+                relay.start(step)
+            for which, source in _sources(rank, world_size, step, fwd_hops, bwd_hops):
+                for q_seg, k_seg in visible_pairs(layout, rank, source, world_size, local_len, causal, window, bounds):
+                    block_out, block_lse = _block_forward(q, relays[which].kv, q_seg, k_seg, scale, causal, window,
+                                                          backend)
+                    merge_(out[:, q_seg.rows], lse[:, :, q_seg.rows], block_out, block_lse)
+            for relay in relays:
+                relay.finish(step)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (causal, scale, layout, group, window, backend, bounds)
@@ -122,33 +201,33 @@ class RingAttnFunc(torch.autograd.Function):
         causal, scale, layout, group, window, backend, bounds = ctx.args
         rank, world_size = _world(group)
         local_len = q.shape[1]
-        kv_comm = RingComm(group, tag=1) if world_size > 1 else None
-        dkv_comm = RingComm(group, tag=2) if world_size > 1 else None
+        fwd_hops, bwd_hops = ring_plan(layout, world_size, local_len, causal, window, bounds)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        kv, kv_next = torch.stack((k, v)), None
-        dkv_incoming = None  # the accumulator of the block this rank holds next, from the previous rank
-        for step in range(world_size):
-            source = (rank - step) % world_size
-            if step + 1 < world_size:
-                kv_next = kv_comm.send_recv(kv, kv_next)
-            dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
-            for q_seg, k_seg in visible_pairs(layout, rank, source, world_size, local_len, causal, window, bounds):
-                dq_part, dk_part, dv_part = _block_backward(dout, q, kv, out, lse, q_seg, k_seg, scale, causal,
-                                                            window, backend)
-                dq[:, q_seg.rows] += dq_part
-                dkv[0][:, k_seg.rows] += dk_part
-                dkv[1][:, k_seg.rows] += dv_part
-            if world_size > 1:
-                if dkv_incoming is not None:
-                    dkv_comm.wait()
-                    dkv += dkv_incoming
-                dkv_incoming = dkv_comm.send_recv(dkv)  # on to the rank that holds this block next
-            if step + 1 < world_size:
-                kv_comm.wait()
-                kv, kv_next = kv_next, kv
-        if world_size > 1:
-            dkv_comm.wait()
-            dkv = dkv_incoming  # after w hops: this rank's own block, with every rank's contribution
+        relays = (_Relay(group, 1, torch.stack((k, v)), fwd_hops, 1),
+                  _Relay(group, 4, torch.stack((k, v)) if bwd_hops else None, bwd_hops, -1))
+        chains = (_GradChain(group, 2, fwd_hops, 1), _GradChain(group, 5, bwd_hops, -1))
+        own_dkv = None
+        for step in range(max(fwd_hops, bwd_hops) + 1):
+            for relay in relays:
+                relay.start(step)
+            for which, source in _sources(rank, world_size, step, fwd_hops, bwd_hops):
+                kv = relays[which].kv
+                dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
+                for q_seg, k_seg in visible_pairs(layout, rank, source, world_size, local_len, causal, window, bounds):
+                    dq_part, dk_part, dv_part = _block_backward(dout, q, kv, out, lse, q_seg, k_seg, scale, causal,
+                                                                window, backend)
+                    dq[:, q_seg.rows] += dq_part
+                    dkv[0][:, k_seg.rows] += dk_part
+                    dkv[1][:, k_seg.rows] += dv_part
+                if chains[which].hops:
+                    chains[which].add_and_pass(step, dkv)
+                else:  # nothing travels: this is the rank's own block
+                    own_dkv = dkv
+            for relay in relays:
+                relay.finish(step)
+        dkv = own_dkv if fwd_hops == 0 else chains[0].home()
+        if bwd_hops:
+            dkv = dkv + chains[1].home()
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None, None, None
 
 
