@@ -1,0 +1,253 @@
+"""Hugging Face transformers adapter: ring attention as a registered ``attn_implementation``.
+
+``register()`` adds an attention function (``transformers.AttentionInterface``) and a mask function
+(``transformers.AttentionMaskInterface``) under one name; a model built with that
+``attn_implementation`` then runs every attention layer as ``dist_attn.ring_attention`` over ``group``,
+each rank holding its ``layout`` shard of the sequence::
+
+    from transformers import AutoModelForCausalLM
+    from dist_attn.integrations import hf
+
+    name = hf.register(layout="zigzag", group=None)                  # "dist_attn_ring"; every rank, once
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=name)
+    batch = hf.shard_inputs(input_ids, labels=input_ids, layout="zigzag", group=None)
+    out = model(**batch, use_cache=False)      # out.loss: this rank's share of the global mean loss
+    out.loss.backward()
+    hf.all_reduce_gradients(model, group=None)                       # SUM over the sequence-parallel group
+    print(hf.reduce_loss(out.loss, group=None))                      # the global mean loss (for logging)
+    logits = hf.gather_logits(out.logits, layout="zigzag", group=None)  # (B, T, vocab), every rank
+
+**Configuration.** ``register(name, layout, group, backend)`` binds the layout and process group to the
+name; calling it again with the same name rebinds them (idempotent for the same arguments). Different
+names can carry different groups. Importing this module does not import transformers; ``register``
+does (the ``hf`` extra).
+
+**Inputs.** Every rank passes its ``dist_attn.shard`` of ``input_ids`` and, as ``position_ids``, the
+*global* positions of its tokens (RoPE must rotate by global position); ``shard_inputs`` returns both.
+The attention function checks, at the first layer, that ``position_ids`` are exactly those global
+positions: a model called without them (HF would use ``arange(local_len)``) or with another layout fails
+instead of computing something silently wrong.
+
+**Labels and loss.** HF's causal-LM loss shifts ``labels`` by one inside the model, which is wrong on a
+shard (the target of a rank's last token lives on another rank). ``shard_inputs`` shifts the labels of
+the full sequence first (``shift_labels[t] = labels[t + 1]``, -100 at the end), then shards them, and
+returns them as ``shift_labels`` (HF's loss then skips its own shift) together with
+``num_items_in_batch``, the number of valid (non -100) targets of the whole batch (computed from the full
+labels, no communication). HF's loss then returns ``sum(local CE) / num_items_in_batch``: this rank's
+share; the shares of the group sum to the global mean loss. ``causal_lm_loss`` computes the same share
+from logits and shifted labels yourself.
+
+**Gradients.** Each rank backpropagates its own share; ring attention's backward routes the K/V
+gradients to the ranks that own them, so rank r's parameter gradients are d(global loss)/d(params)
+through rank r's tokens. The single-process gradient is their SUM over the sequence-parallel group:
+``all_reduce_gradients(model, group)`` (all-reduce SUM). Under data parallelism on top (DDP or FSDP over
+all dp * sp ranks, which *average*), multiply the loss by the SP degree, or reduce SUM over SP and MEAN
+over the replicas yourself.
+
+**Not supported** (each raises ValueError): padding attention masks (any masked-out token; pack sequences
+instead and call ``dist_attn.ring_attention(..., cu_seqlens=...)``, which this adapter does not wire up yet), packed-sequence kwargs (``cu_seq_lens_q`` ...),
+attention dropout > 0 in training, a KV cache holding earlier tokens (generation), ``softcap`` and
+attention sinks. Sliding-window layers (``sliding_window=W`` from Mistral/Qwen2 configs: a query sees
+itself and the W-1 tokens before it) run as ``window=(W - 1, 0)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from dist_attn.layouts import chunks_per_rank, check_layout, gather, global_positions, shard
+from dist_attn.ring import _world, ring_attention
+
+DEFAULT_NAME = "dist_attn_ring"
+IGNORE_INDEX = -100
+_CONFIGS: dict[str, dict] = {}  # name -> {"layout", "group", "backend"}
+_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias", "cu_seq_lens_q", "cu_seq_lens_k",
+                       "max_length_q", "max_length_k")
+PADDING_ERROR = ("dist_attn ring attention does not support padding attention masks (got a mask with masked-out "
+                 "tokens); pass attention_mask=None, or pack variable-length sequences and use "
+                 "dist_attn.ring_attention(..., cu_seqlens=...)")
+
+
+def register(name: str = DEFAULT_NAME, layout: str = "zigzag", group=None, backend=None) -> str:
+    """Registers ring attention under ``name`` in transformers' ``AttentionInterface`` and
+    ``AttentionMaskInterface`` and binds ``layout``, ``group`` (None: the default group) and ``backend``
+    (passed to ``ring_attention``) to it. Call on every rank before the model's first forward; calling again
+    rebinds. Returns ``name``, to pass as ``attn_implementation``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    check_layout(layout)
+    if not isinstance(name, str) or not name or "flash" in name or name in ("eager", "sdpa", "flex_attention"):
+        raise ValueError(f"name must be a new attn_implementation name (not eager/sdpa/flash*/flex); got {name!r}")
+    _CONFIGS[name] = {"layout": layout, "group": group, "backend": backend}
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        return _ring_attention_forward(name, module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+    def mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
+             **kwargs):
+        return _no_mask(attention_mask)
+
+    attention.__name__ = mask.__name__ = f"{name}_forward"
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, mask)
+    return name
+
+
+def registered(name: str = DEFAULT_NAME) -> dict:
+    """The {"layout", "group", "backend"} bound to ``name`` by ``register``."""
+    if name not in _CONFIGS:
+        raise KeyError(f"{name!r} is not registered; call dist_attn.integrations.hf.register({name!r}, ...) first")
+    return dict(_CONFIGS[name])
+
+
+def _no_mask(attention_mask):
+    """The mask function: ring attention masks by global positions, so the 2D padding mask is only checked
+    (all ones or None) and no (S, S) mask is built."""
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError(PADDING_ERROR)
+    return None
+
+
+def _check_positions(position_ids, layout, rank, world_size, local_len):
+    expected = global_positions(layout, rank, world_size, local_len, device=position_ids.device)
+    if position_ids.shape[-1] != local_len or not bool((position_ids == expected).all()):
+        shown = position_ids.reshape(-1, position_ids.shape[-1])[0, :8].tolist()
+        raise ValueError(
+            f"position_ids must be the global positions of this rank's tokens (layout={layout!r}, rank {rank} of "
+            f"{world_size}: {expected[:8].tolist()}...); got {shown}...: pass position_ids from "
+            f"dist_attn.integrations.hf.shard_inputs (RoPE needs global positions)")
+
+
+def _ring_attention_forward(name, module, query, key, value, attention_mask, scaling, dropout, **kwargs):
+    """query (B, H, S_local, D), key/value (B, H_kv, S_local, D) -> ((B, S_local, H, D), None)."""
+    config = _CONFIGS[name]
+    if attention_mask is not None:
+        if attention_mask.dim() == 2:
+            _no_mask(attention_mask)
+        else:
+            raise ValueError(f"dist_attn ring attention builds its causal mask on global positions and takes no "
+                             f"{attention_mask.dim()}-D attention_mask (padding masks are not supported); pass "
+                             f"attention_mask=None")
+    if dropout:
+        raise ValueError(f"dist_attn ring attention does not support attention dropout (got dropout={dropout} in "
+                         f"training mode); set the config's attention_dropout to 0")
+    given = [k for k in _UNSUPPORTED_KWARGS if kwargs.get(k) is not None]
+    if given:
+        raise ValueError(f"dist_attn ring attention does not support {given} (packed-sequence kwargs, softcap and "
+                         f"attention sinks are not implemented)")
+    if key.shape[2] != query.shape[2]:
+        raise ValueError(f"dist_attn ring attention needs as many keys as queries (got {key.shape[2]} keys for "
+                         f"{query.shape[2]} queries: a KV cache?); call the model with use_cache=False "
+                         f"(generation is not supported)")
+    layout, group = config["layout"], config["group"]
+    rank, world_size = _world(group)
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None and getattr(module, "layer_idx", 0) == 0:  # once per forward
+        _check_positions(position_ids, layout, rank, world_size, query.shape[2])
+    sliding_window = kwargs.get("sliding_window")
+    window = None if sliding_window is None else (int(sliding_window) - 1, 0)  # HF: kv_idx > q_idx - W
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, S, H, D)
+    out = ring_attention(q, k, v, causal=bool(causal), softmax_scale=scaling, layout=layout, group=group,
+                         window=window if causal else None, backend=config["backend"])
+    return out, None
+
+
+def _check_seqlen(name, x, layout, world_size):
+    multiple = world_size * chunks_per_rank(layout)
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be (batch, seqlen); got shape {tuple(x.shape)}")
+    if x.shape[1] % multiple:
+        need = "2 * world_size" if layout == "zigzag" else "world_size"
+        raise ValueError(f"{name}: sequence length {x.shape[1]} must be a multiple of {need} = {multiple} for "
+                         f"layout={layout!r} with world_size={world_size}")
+
+
+def shift_labels(labels, ignore_index=IGNORE_INDEX):
+    """``labels[:, 1:]`` padded with ``ignore_index``: the target of every token of the full sequence."""
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
+
+
+def shard_inputs(input_ids, labels=None, position_ids=None, layout="zigzag", group=None,
+                 ignore_index=IGNORE_INDEX) -> dict:
+    """This rank's part of a batch of full sequences, ready for ``model(**batch)``.
+
+    input_ids, labels: (batch, seqlen) full sequences (identical on every rank of ``group``); seqlen a multiple of
+    the group size (``2 * world_size`` for zigzag). position_ids: (batch or 1, seqlen) or None (0..seqlen-1).
+    Returns {"input_ids", "position_ids"} (the global positions of the local tokens, (1, local_len) unless given)
+    and, with labels, {"labels", "shift_labels", "num_items_in_batch"}: the labels shifted over the full
+    sequence and then sharded (passed as both ``labels``, which makes HF compute a loss, and ``shift_labels``,
+    which makes it skip its own shift) and the number of valid targets in the whole batch. Pure slicing.
+    """
+    rank, world_size = _world(group)
+    check_layout(layout)
+    _check_seqlen("input_ids", input_ids, layout, world_size)
+    seqlen = input_ids.shape[1]
+    local = lambda x: shard(x, layout, rank, world_size, dim=1)  # noqa: E731
+    out = {"input_ids": local(input_ids)}
+    if position_ids is None:
+        out["position_ids"] = global_positions(layout, rank, world_size, seqlen // world_size,
+                                               device=input_ids.device)[None]
+    else:
+        if position_ids.dim() != 2 or position_ids.shape[1] != seqlen:
+            raise ValueError(f"position_ids must be (batch or 1, {seqlen}) like input_ids; got {tuple(position_ids.shape)}")
+        out["position_ids"] = local(position_ids)
+    if labels is not None:
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}; got {tuple(labels.shape)}")
+        shifted = shift_labels(labels, ignore_index)
+        out["labels"] = out["shift_labels"] = local(shifted)
+        out["num_items_in_batch"] = (shifted != ignore_index).sum()
+    return out
+
+
+def causal_lm_loss(local_logits, local_shift_labels, num_items_in_batch=None, group=None, ignore_index=IGNORE_INDEX):
+    """This rank's share of the global mean cross-entropy: ``sum(CE over local valid targets) / N``, N the number
+    of valid targets of the whole sequence (``num_items_in_batch`` from ``shard_inputs``; None: counted with one
+    all-reduce over ``group``). The shares of the group sum to the global mean loss (``reduce_loss``);
+    backward on the share, then ``all_reduce_gradients``, gives the single-process gradients."""
+    vocab = local_logits.shape[-1]
+    total = torch.nn.functional.cross_entropy(local_logits.float().reshape(-1, vocab), local_shift_labels.reshape(-1),
+                                              ignore_index=ignore_index, reduction="sum")
+    if num_items_in_batch is None:
+        count = (local_shift_labels != ignore_index).sum().to(local_logits.device)
+        if _world(group)[1] > 1:
+            dist.all_reduce(count, group=group)
+        num_items_in_batch = count
+    return total / num_items_in_batch
+
+
+def reduce_loss(local_loss, group=None):
+    """The global loss from every rank's share (all-reduce SUM of the detached value; a collective)."""
+    loss = local_loss.detach().clone()
+    if _world(group)[1] > 1:
+        dist.all_reduce(loss, group=group)
+    return loss
+
+
+@torch.no_grad()
+def all_reduce_gradients(model, group=None):
+    """Sums every parameter's ``.grad`` over the sequence-parallel ``group`` (one flat all-reduce per dtype and
+    device), which turns each rank's gradients into the single-process gradients. A collective."""
+    if _world(group)[1] == 1:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    buckets: dict = {}
+    for g in grads:
+        buckets.setdefault((g.dtype, g.device), []).append(g)
+    for bucket in buckets.values():
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for g in bucket:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def gather_logits(local_logits, layout="zigzag", group=None):
+    """The logits of the full sequence, (batch, seqlen, vocab), on every rank (``dist_attn.gather`` along dim 1;
+    a collective, not differentiable)."""
+    return gather(local_logits, layout, group, dim=1)

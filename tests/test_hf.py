@@ -1,0 +1,202 @@
+"""Hugging Face transformers adapter (``dist_attn.integrations.hf``) over real gloo worlds of 2 and 4 ranks.
+
+Tiny causal LMs built from configs with random weights (no download), float32, GQA (4 query heads, 2 KV
+heads): Llama, and Qwen2 with its second layer a sliding-window layer (window 10, which crosses shard
+boundaries). For every layout the sequence-parallel model (``attn_implementation="dist_attn_ring"``, inputs
+from ``shard_inputs``) gives the gathered logits, the loss (HF's own loss through ``shift_labels`` and
+``num_items_in_batch``, and ``causal_lm_loss``) and, after ``all_reduce_gradients``, the parameter gradients
+of the one-process model with ``attn_implementation="eager"`` on the full sequence. Bad inputs raise
+ValueError with a clear message; ``launch.train_hf`` gives the same losses on 2 and 4 ranks as in one process.
+One world per size runs every case (a rank start costs seconds).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from launch import train_hf  # noqa: E402
+from launch.spawn import run_world  # noqa: E402
+
+TOL = 1e-5  # fp32: |got - expected| <= TOL * (1 + max |expected|) for logits, losses and gradients
+SEQLEN, BATCH, VOCAB, WINDOW = 48, 2, 97, 10
+LAYOUTS = ("zigzag", "contiguous", "striped")
+MODELS = ("llama", "qwen2_sliding")
+TRAIN_ARGV = ["--steps", "2", "--device", "cpu", "--seqlen", "32"]
+
+
+def make_config(kind):
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2, attention_dropout=0.0)
+    if kind == "llama":
+        return LlamaConfig(**common)
+    cfg = Qwen2Config(**common, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)
+    assert cfg.layer_types == ["full_attention", "sliding_attention"], cfg.layer_types
+    return cfg
+
+
+def make_models(kind, name):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(make_config(kind), attn_implementation="eager")
+    sp = AutoModelForCausalLM.from_config(make_config(kind), attn_implementation=name)
+    sp.load_state_dict(ref.state_dict())
+    return ref, sp
+
+
+def make_data(kind):
+    gen = torch.Generator().manual_seed(len(kind))
+    ids = torch.randint(0, VOCAB, (BATCH, SEQLEN), generator=gen)
+    labels = ids.clone()
+    labels[0, 5:9] = -100  # ignored targets, some of them at shard borders
+    labels[1, 23:27] = -100
+    return ids, labels
+
+
+def rel_error(got, expected):
+    return ((got - expected).abs().max() / (1 + expected.abs().max())).item()
+
+
+def run_case(rank, kind, layout):
+    """SP forward/backward on this rank's shard; rank 0 returns the errors against the one-process model."""
+    import torch.distributed as dist
+
+    from dist_attn.integrations import hf
+
+    name = hf.register(layout=layout)
+    ref, sp = make_models(kind, name)
+    ids, labels = make_data(kind)
+    batch = hf.shard_inputs(ids, labels=labels, layout=layout)
+    out = sp(**batch, use_cache=False)
+    out.loss.backward()
+    hf.all_reduce_gradients(sp)
+    logits = hf.gather_logits(out.logits.detach(), layout=layout)
+    loss = hf.reduce_loss(out.loss)
+    own_loss = hf.reduce_loss(hf.causal_lm_loss(out.logits, batch["shift_labels"]))  # counts with an all-reduce
+    grads = {n: p.grad for n, p in sp.named_parameters()}
+    # every rank ends with the same gradients
+    norms = torch.stack([g.norm() for g in grads.values()])
+    everyone = [torch.empty_like(norms) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, norms)
+    if rank != 0:
+        return None
+    ref_out = ref(input_ids=ids, labels=labels, use_cache=False)
+    ref_out.loss.backward()
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    return {
+        "logits": rel_error(logits, ref_out.logits.detach()),
+        "loss": rel_error(loss, ref_out.loss.detach()),
+        "own_loss": rel_error(own_loss, ref_out.loss.detach()),
+        "grads": max(rel_error(grads[n], ref_grads[n]) for n in ref_grads),
+        "missing_grads": sorted(n for n, g in grads.items() if g is None),
+        "ranks_agree": all(torch.equal(e, everyone[0]) for e in everyone),
+    }
+
+
+def error_of(call):
+    try:
+        call()
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def run_bad_inputs(rank, world_size):
+    """Errors raised before any collective of the ring (every rank raises the same)."""
+    from dist_attn.integrations import hf
+
+    name = hf.register(layout="zigzag")
+    _, sp = make_models("llama", name)
+    ids, _ = make_data("llama")
+    batch = hf.shard_inputs(ids)
+    padding = torch.ones_like(batch["input_ids"])
+    padding[0, 0] = 0
+    dropout_model = make_models("llama", name)[1].train()
+    for module in dropout_model.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.1
+    return {
+        "padding": error_of(lambda: sp(**batch, attention_mask=padding, use_cache=False)),
+        "ones_mask_ok": error_of(lambda: sp(**batch, attention_mask=torch.ones_like(padding), use_cache=False)),
+        "seqlen": error_of(lambda: hf.shard_inputs(ids[:, :SEQLEN - 2])),
+        "dropout": error_of(lambda: dropout_model(**batch, use_cache=False)),
+        "local_positions": error_of(lambda: sp(input_ids=batch["input_ids"], use_cache=False)),  # HF's arange
+        "other_layout": error_of(lambda: sp(**hf.shard_inputs(ids, layout="striped"), use_cache=False)),
+        "layout": error_of(lambda: hf.register(layout="diagonal")),
+    }
+
+
+def run_everything(rank, world_size, cases):
+    from dist_attn.integrations import hf
+
+    results = {"cases": {f"{kind}-{layout}": run_case(rank, kind, layout) for kind, layout in cases}}
+    results["bad"] = run_bad_inputs(rank, world_size)
+    hf.register()  # back to the defaults for the example (idempotent)
+    results["registered"] = hf.registered()["layout"]
+    results["train"] = train_hf.main(TRAIN_ARGV)
+    return results
+
+
+def world_cases(world_size):
+    if world_size == 2:
+        return [(kind, layout) for kind in MODELS for layout in LAYOUTS]
+    return [("llama", "zigzag"), ("qwen2_sliding", "zigzag"), ("llama", "striped")]
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
+def world(request):
+    return request.param, run_world(request.param, run_everything, world_cases(request.param), timeout=300)
+
+
+@pytest.fixture(scope="module")
+def single_train():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train_hf.main(TRAIN_ARGV)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_sp_model_matches_one_process_eager(world):
+    world_size, results = world
+    errors = results[0]["cases"]
+    assert set(errors) == {f"{k}-{layout}" for k, layout in world_cases(world_size)}
+    for case, err in errors.items():
+        print(f"world {world_size} {case}: " + ", ".join(f"{k} {v:.1e}" for k, v in err.items()
+                                                         if isinstance(v, float)))
+        assert err["missing_grads"] == [] and err["ranks_agree"], (case, err)
+        assert max(err["logits"], err["loss"], err["own_loss"], err["grads"]) <= TOL, (case, err)
+
+
+def test_bad_inputs_raise_clear_errors(world):
+    world_size, results = world
+    for rank, result in enumerate(results):
+        bad = result["bad"]
+        assert "padding attention masks" in bad["padding"], bad
+        assert bad["ones_mask_ok"] is None, bad
+        assert "input_ids" in bad["seqlen"] and f"multiple of 2 * world_size = {2 * world_size}" in bad["seqlen"], bad
+        assert "dropout" in bad["dropout"], bad
+        if rank > 0:  # rank 0's contiguous half starts at 0 like HF's arange
+            assert "position_ids must be the global positions" in bad["local_positions"], bad
+        assert "position_ids must be the global positions" in bad["other_layout"], bad
+        assert "layout" in bad["layout"], bad
+        assert result["registered"] == "zigzag"
+
+
+def test_train_example_sequence_parallel_matches_one_process(world, single_train):
+    world_size, results = world
+    assert len(single_train) == 2 and all(loss == loss for loss in single_train)
+    for result in results:
+        assert result["train"] == pytest.approx(single_train, rel=1e-5, abs=0)
+
+
+def test_train_example_help():
+    with pytest.raises(SystemExit) as exit:
+        train_hf.main(["--help"])
+    assert exit.value.code == 0
