@@ -13,6 +13,10 @@ one per Ulysses rank) and head dim D, one rank sends:
 (the ring's backward sends float32 dK/dV accumulators, hence the 4). The volume is exact, the same on
 CPU and GPU; times are not measured here (benchmarks/ring_cpu.py does that for the ring).
 
+Sliding windows (``--windows``, causal, left window sizes): the ring sends only the blocks some rank
+needs (``dist_attn.ring.ring_plan``: a hops forward, b backward), so with M = 2*B*L*Hk*D one rank sends
+fwd (a+b) * M*e and bwd (a+b) * M*e + (a+1 [a > 0] + b) * M*4, against the full ring's (w-1, 0).
+
     python -m benchmarks.comm_volume
     python -m benchmarks.comm_volume --world-size 8 --seqlen 65536 --heads 32 --kv-heads 8 --headdim 128 --dtype bfloat16
 """
@@ -42,6 +46,7 @@ class VolumeConfig:
     headdim: int = 64
     batch: int = 1
     dtype: str = "float32"
+    windows: str = "256,1024,2048"
     out_dir: str = str(RESULTS_DIR)
 
     def __post_init__(self):
@@ -54,6 +59,15 @@ class VolumeConfig:
                              f"kv_heads ({self.kv_heads})")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {self.dtype!r}")
+        try:
+            sizes = self.window_sizes()
+        except ValueError:
+            sizes = None
+        if sizes is None or any(size < 0 for size in sizes):
+            raise ValueError(f"windows must be comma-separated ints >= 0 (left window sizes); got {self.windows!r}")
+
+    def window_sizes(self):
+        return [int(size) for size in self.windows.split(",") if size.strip()]
 
     def strategies(self):
         """name -> (Ulysses degree, ring degree)."""
@@ -70,6 +84,41 @@ def formula(cfg, ulysses, ring):
     ring_kv = (ring - 1) * 2 * tokens * kv_heads * e
     ring_dkv = ring * 2 * tokens * kv_heads * 4 if ring > 1 else 0
     return all_to_all + ring_kv, all_to_all + ring_kv + ring_dkv
+
+
+def window_formula(cfg, layout, left):
+    """(forward, backward) bytes one rank sends for a causal window ``(left, 0)`` (module docstring)."""
+    from dist_attn.ring import ring_plan
+
+    fwd_hops, bwd_hops = ring_plan(layout, cfg.world_size, cfg.seqlen // cfg.world_size, True,
+                                   None if left is None else (left, 0))
+    block = 2 * cfg.batch * cfg.seqlen // cfg.world_size * cfg.kv_heads * cfg.headdim
+    kv = (fwd_hops + bwd_hops) * block * torch.empty((), dtype=DTYPES[cfg.dtype]).element_size()
+    chain = ((fwd_hops + 1 if fwd_hops else 0) + bwd_hops) * block * 4
+    return (fwd_hops, bwd_hops), kv, kv + chain
+
+
+WINDOW_LAYOUTS = ("contiguous", "zigzag")
+
+
+def _measure_windows(rank, world_size, cfg):
+    """{(layout, left): (forward bytes, backward bytes)} of the plain ring with causal windows."""
+    from dist_attn import ring_attention
+    from dist_attn.comm import traffic_meter
+
+    sent, local = {}, cfg.seqlen // world_size
+    for layout in WINDOW_LAYOUTS:
+        for left in [None, *cfg.window_sizes()]:
+            q = torch.randn(cfg.batch, local, cfg.heads, cfg.headdim, dtype=DTYPES[cfg.dtype], requires_grad=True)
+            k, v = (torch.randn(cfg.batch, local, cfg.kv_heads, cfg.headdim, dtype=DTYPES[cfg.dtype],
+                                requires_grad=True) for _ in range(2))
+            with traffic_meter() as forward:
+                out = ring_attention(q, k, v, causal=True, layout=layout, window=None if left is None else (left, 0),
+                                     check_peers=False)
+            with traffic_meter() as backward:
+                out.backward(torch.randn_like(out))
+            sent[(layout, left)] = (sum(forward), sum(backward))
+    return sent
 
 
 def _measure(rank, world_size, cfg):
@@ -91,6 +140,7 @@ def _measure(rank, world_size, cfg):
         with traffic_meter() as backward:
             out.backward(torch.randn_like(out))
         sent[name] = (sum(forward), sum(backward))
+    sent["windows"] = _measure_windows(rank, world_size, cfg)
     return sent
 
 
@@ -112,6 +162,20 @@ def report(cfg, per_rank, argv):
         f_fwd, f_bwd = formula(cfg, u, r)
         lines.append(md_row([name, f"{u} x {r}", f"{fwd:,}", f"{f_fwd:,}", f"{bwd:,}", f"{f_bwd:,}",
                              "measured == formula" if (fwd, bwd) == (f_fwd, f_bwd) else "MISMATCH"]))
+    lines += ["", f"## Causal sliding window, ring only (per-rank block {cfg.seqlen // cfg.world_size} tokens)", "",
+              "Blocks that no rank's window reaches are not sent (`dist_attn.ring.ring_plan`).", ""]
+    head = ["layout", "window (left, 0)", "hops fwd/back", "fwd bytes/rank", "bwd bytes/rank", "vs full ring",
+            "check"]
+    lines += [md_row(head), md_row(["---"] * len(head))]
+    for layout in WINDOW_LAYOUTS:
+        full = max(sum(sent["windows"][(layout, None)]) for sent in per_rank)
+        for left in [None, *cfg.window_sizes()]:
+            fwd = max(sent["windows"][(layout, left)][0] for sent in per_rank)
+            bwd = max(sent["windows"][(layout, left)][1] for sent in per_rank)
+            hops, f_fwd, f_bwd = window_formula(cfg, layout, left)
+            lines.append(md_row([layout, "none" if left is None else left, f"{hops[0]}/{hops[1]}", f"{fwd:,}",
+                                 f"{bwd:,}", f"{(fwd + bwd) / full:.1%}",
+                                 "measured == formula" if (fwd, bwd) == (f_fwd, f_bwd) else "MISMATCH"]))
     return "\n".join(lines) + "\n"
 
 
