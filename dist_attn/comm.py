@@ -44,21 +44,24 @@ class RingComm:
     """Peers of this rank in ``group`` and at most one pending send/recv pair.
 
     ``tag`` keeps rings between the same peers apart on backends that match messages by tag (gloo);
-    the backward pass runs one ring for K/V and one for the dK/dV accumulators. Every rank makes the
+    the backward pass runs one ring for K/V and one for the dK/dV accumulators. ``members`` (group
+    ranks in ring order, this rank among them) makes a sub-ring, as the hierarchical ring does. Every rank makes the
     same sequence of calls with the same distances, so sends and receives pair up in order (NCCL).
     """
 
-    def __init__(self, group=None, tag=0):
+    def __init__(self, group=None, tag=0, members=None):
         self.group = group
-        self.rank = dist.get_rank(group)
-        self.world_size = dist.get_world_size(group)
-        self._ranks_of = group if group is not None else dist.group.WORLD
+        ranks_of = group if group is not None else dist.group.WORLD
+        # the ring's order: group ranks 0..w-1, or the sub-ring ``members`` (e.g. the GPUs of one node)
+        members = range(dist.get_world_size(group)) if members is None else members
+        self._ring = [dist.get_global_rank(ranks_of, r) for r in members]
+        self._index = list(members).index(dist.get_rank(group))
         self.tag = tag
         self._pending = []
 
     def peer(self, distance):
-        """Global rank of the group rank ``distance`` places after this one (negative: before)."""
-        return dist.get_global_rank(self._ranks_of, (self.rank + distance) % self.world_size)
+        """Global rank of the ring member ``distance`` places after this one (negative: before)."""
+        return self._ring[(self._index + distance) % len(self._ring)]
 
     def send_recv(self, send, recv=None, distance=1):
         """Starts sending ``send`` to the rank ``distance`` places on (default: the next rank) and
