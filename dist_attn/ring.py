@@ -32,6 +32,7 @@ from .comm import RingComm
 from .layouts import (LAYOUTS, PackedSegment, check_layout, check_local_length, packed_local_length,
                       packed_segments, segments)
 from .merge import merge_
+from .topology import check_topology, resolve
 
 
 def _segments(layout, rank, world_size, local_len, bounds):
@@ -121,12 +122,14 @@ def ring_plan(layout, world_size, local_len, causal, window, bounds=None):
 
 
 class _Relay:
-    """K/V travelling ``hops`` ranks in one direction (+1: to the next rank), double-buffered:
-    ``start(step)`` begins the transfer for step + 1, ``finish(step)`` waits and swaps buffers."""
+    """K/V travelling ``hops`` ranks in one direction (+1: to the next member of the ring),
+    double-buffered: ``start(step)`` begins the transfer for step + 1, ``finish(step)`` waits and swaps
+    buffers. A ``borrowed`` first block is read, never received into (another relay still sends it)."""
 
-    def __init__(self, group, tag, kv, hops, direction):
-        self.comm = RingComm(group, tag) if hops else None
+    def __init__(self, group, tag, kv, hops, direction, members=None, borrowed=False):
+        self.comm = RingComm(group, tag, members) if hops else None
         self.kv, self.spare, self.hops, self.direction = kv, None, hops, direction
+        self.borrowed = kv if borrowed else None
 
     def start(self, step):
         if step < self.hops:
@@ -135,15 +138,15 @@ class _Relay:
     def finish(self, step):
         if step < self.hops:
             self.comm.wait()
-            self.kv, self.spare = self.spare, self.kv
+            self.kv, self.spare = self.spare, None if self.kv is self.borrowed else self.kv
 
 
 class _GradChain:
     """The float32 dK/dV accumulator of a travelling block: each rank adds its part and passes it on
     (``direction``) until the last hop, which sends it straight back to the block's owner."""
 
-    def __init__(self, group, tag, hops, direction):
-        self.comm = RingComm(group, tag) if hops else None
+    def __init__(self, group, tag, hops, direction, members=None):
+        self.comm = RingComm(group, tag, members) if hops else None
         self.hops, self.direction, self.incoming = hops, direction, None
 
     def add_and_pass(self, step, dkv):
@@ -169,66 +172,116 @@ def _sources(rank, world_size, step, fwd_hops, bwd_hops):
         yield 1, (rank + step) % world_size
 
 
+def _flat_ring(group, kv, plan, visit, tags):
+    """Runs ``visit(kv_block, source)`` on every block the plan brings to this rank (``ring_plan``).
+    ``visit`` returns the block's float32 dK/dV in the backward (then ``tags`` has four entries: two
+    relays, two gradient chains) and this rank's own dK/dV total is returned; None in the forward."""
+    rank, world_size = _world(group)
+    fwd_hops, bwd_hops = plan
+    relays = (_Relay(group, tags[0], kv, fwd_hops, 1), _Relay(group, tags[1], kv.clone() if bwd_hops else None,
+                                                              bwd_hops, -1))
+    chains = (_GradChain(group, tags[2], fwd_hops, 1), _GradChain(group, tags[3], bwd_hops, -1)) if len(tags) > 2 else None
+    own_dkv = None
+    for step in range(max(fwd_hops, bwd_hops) + 1):
+        for relay in relays:
+            relay.start(step)
+        for which, source in _sources(rank, world_size, step, fwd_hops, bwd_hops):
+            dkv = visit(relays[which].kv, source)
+            if chains and chains[which].hops:
+                chains[which].add_and_pass(step, dkv)
+            elif chains:  # nothing travels: this is the rank's own block
+                own_dkv = dkv
+        for relay in relays:
+            relay.finish(step)
+    if not chains:
+        return None
+    dkv = own_dkv if fwd_hops == 0 else chains[0].home()
+    return dkv + chains[1].home() if bwd_hops else dkv
+
+
+def _hierarchical_ring(group, kv, nodes, visit, tags):
+    """The double ring over ``nodes`` (a ``Topology``), same contract as ``_flat_ring``.
+
+    Outer step j: every rank holds, in the outer buffer, the block of the rank with its own local
+    index j nodes back, and at once starts sending it on to the same local index of the next node (the
+    slow inter-node link gets g inner steps to finish). Meanwhile that block goes around the node's
+    fast inner ring, so at inner step i the rank holds the block of local index l - i on node n - j.
+    Backward: dK/dV accumulate around the inner ring and come back to the rank that brought the block
+    into the node, then travel the outer ring with the block's other node sums to its owner.
+    """
+    node, local = nodes.locate(_world(group)[0])
+    outer_members = [nodes.rank_at(other, local) for other in range(nodes.node_count)]
+    outer = _Relay(group, tags[0], kv, nodes.node_count - 1, 1, outer_members)
+    outer_chain = _GradChain(group, tags[2], nodes.node_count - 1, 1, outer_members) if len(tags) > 2 else None
+    for j in range(nodes.node_count):
+        outer.start(j)
+        inner = _Relay(group, tags[1], outer.kv, nodes.local_size - 1, 1, nodes.nodes[node], borrowed=True)
+        inner_chain = _GradChain(group, tags[3], nodes.local_size - 1, 1, nodes.nodes[node]) if outer_chain else None
+        for i in range(nodes.local_size):
+            inner.start(i)
+            dkv = visit(inner.kv, nodes.rank_at(node - j, local - i))
+            if inner_chain:
+                inner_chain.add_and_pass(i, dkv)
+            inner.finish(i)
+        if outer_chain:
+            outer_chain.add_and_pass(j, inner_chain.home())
+        outer.finish(j)
+    return outer_chain.home() if outer_chain else None
+
+
+def _run_ring(group, kv, nodes, plan, visit, tags):
+    if nodes is None:
+        return _flat_ring(group, kv, plan, visit, tags[0])
+    return _hierarchical_ring(group, kv, nodes, visit, tags[1])
+
+
+# message tags (gloo matches by tag): (flat: relays, chains), (hierarchical: outer, inner, chains)
+_FORWARD_TAGS = ((0, 3), (6, 7))
+_BACKWARD_TAGS = ((1, 4, 2, 5), (8, 9, 10, 11))
+
+
 class RingAttnFunc(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, layout, group, window, backend, bounds):
+    def forward(ctx, q, k, v, causal, scale, layout, group, window, backend, bounds, nodes):
         rank, world_size = _world(group)
         local_len = q.shape[1]
-        fwd_hops, bwd_hops = ring_plan(layout, world_size, local_len, causal, window, bounds)
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full((q.shape[0], q.shape[2], local_len), float("-inf"), device=q.device)
-        # one message per step: (2, batch, seqlen, nheads_kv, headdim); each relay owns its buffers
-        relays = (_Relay(group, 0, torch.stack((k, v)), fwd_hops, 1),
-                  _Relay(group, 3, torch.stack((k, v)) if bwd_hops else None, bwd_hops, -1))
-        for step in range(max(fwd_hops, bwd_hops) + 1):
-            for relay in relays:
-                relay.start(step)
-            for which, source in _sources(rank, world_size, step, fwd_hops, bwd_hops):
-                for q_seg, k_seg in visible_pairs(layout, rank, source, world_size, local_len, causal, window, bounds):
-                    block_out, block_lse = _block_forward(q, relays[which].kv, q_seg, k_seg, scale, causal, window,
-                                                          backend)
-                    merge_(out[:, q_seg.rows], lse[:, :, q_seg.rows], block_out, block_lse)
-            for relay in relays:
-                relay.finish(step)
+
+        def visit(kv, source):
+            for q_seg, k_seg in visible_pairs(layout, rank, source, world_size, local_len, causal, window, bounds):
+                block_out, block_lse = _block_forward(q, kv, q_seg, k_seg, scale, causal, window, backend)
+                merge_(out[:, q_seg.rows], lse[:, :, q_seg.rows], block_out, block_lse)
+
+        # one message per step: (2, batch, seqlen, nheads_kv, headdim)
+        plan = ring_plan(layout, world_size, local_len, causal, window, bounds)
+        _run_ring(group, torch.stack((k, v)), nodes, plan, visit, _FORWARD_TAGS)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (causal, scale, layout, group, window, backend, bounds)
+        ctx.args = (causal, scale, layout, group, window, backend, bounds, nodes)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        causal, scale, layout, group, window, backend, bounds = ctx.args
+        causal, scale, layout, group, window, backend, bounds, nodes = ctx.args
         rank, world_size = _world(group)
         local_len = q.shape[1]
-        fwd_hops, bwd_hops = ring_plan(layout, world_size, local_len, causal, window, bounds)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        relays = (_Relay(group, 1, torch.stack((k, v)), fwd_hops, 1),
-                  _Relay(group, 4, torch.stack((k, v)) if bwd_hops else None, bwd_hops, -1))
-        chains = (_GradChain(group, 2, fwd_hops, 1), _GradChain(group, 5, bwd_hops, -1))
-        own_dkv = None
-        for step in range(max(fwd_hops, bwd_hops) + 1):
-            for relay in relays:
-                relay.start(step)
-            for which, source in _sources(rank, world_size, step, fwd_hops, bwd_hops):
-                kv = relays[which].kv
-                dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
-                for q_seg, k_seg in visible_pairs(layout, rank, source, world_size, local_len, causal, window, bounds):
-                    dq_part, dk_part, dv_part = _block_backward(dout, q, kv, out, lse, q_seg, k_seg, scale, causal,
-                                                                window, backend)
-                    dq[:, q_seg.rows] += dq_part
-                    dkv[0][:, k_seg.rows] += dk_part
-                    dkv[1][:, k_seg.rows] += dv_part
-                if chains[which].hops:
-                    chains[which].add_and_pass(step, dkv)
-                else:  # nothing travels: this is the rank's own block
-                    own_dkv = dkv
-            for relay in relays:
-                relay.finish(step)
-        dkv = own_dkv if fwd_hops == 0 else chains[0].home()
-        if bwd_hops:
-            dkv = dkv + chains[1].home()
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None, None, None
+
+        def visit(kv, source):
+            dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
+            for q_seg, k_seg in visible_pairs(layout, rank, source, world_size, local_len, causal, window, bounds):
+                dq_part, dk_part, dv_part = _block_backward(dout, q, kv, out, lse, q_seg, k_seg, scale, causal,
+                                                            window, backend)
+                dq[:, q_seg.rows] += dq_part
+                dkv[0][:, k_seg.rows] += dk_part
+                dkv[1][:, k_seg.rows] += dv_part
+            return dkv
+
+        plan = ring_plan(layout, world_size, local_len, causal, window, bounds)
+        dkv = _run_ring(group, torch.stack((k, v)), nodes, plan, visit, _BACKWARD_TAGS)
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None, None, None, None
 
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
@@ -246,7 +299,13 @@ def _check_peers(q, k, causal, scale, layout, window, group, bounds):
             struct.unpack("<q", struct.pack("<d", scale))[0], checksum]
     local = torch.tensor(mine, dtype=torch.int64, device=q.device)
     everyone = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(everyone, local, group=group)
+    try:
+        dist.all_gather(everyone, local, group=group)
+    except RuntimeError as error:  # gloo: timeout or connection closed; NCCL: DistBackendError
+        from .comm import RingTimeoutError, backend_message, peer_failure_hint
+        raise RingTimeoutError(f"ring_attention: rank {dist.get_rank()}: the all-gather of every rank's metadata "
+                               f"before the ring (check_peers) did not complete; {peer_failure_hint(group)}. "
+                               f"Backend: {backend_message(error)}") from error
     table = torch.stack(everyone).cpu()
     differing = [name for i, name in enumerate(_METADATA_FIELDS) if not torch.all(table[:, i] == table[0, i])]
     if differing:
@@ -257,7 +316,7 @@ def _check_peers(q, k, causal, scale, layout, window, group, bounds):
 
 
 def ring_attention(q, k, v, causal=False, softmax_scale=None, layout="zigzag", group=None, window=None, *,
-                   cu_seqlens=None, backend=None, check_peers=True):
+                   cu_seqlens=None, topology="auto", backend=None, check_peers=True):
     """Exact attention over a sequence sharded across ``group`` (SPMD: every rank calls it). Differentiable.
 
     q: (batch, local_seqlen, nheads, headdim); k, v: (batch, local_seqlen, nheads_kv, headdim): this
@@ -271,11 +330,17 @@ def ring_attention(q, k, v, causal=False, softmax_scale=None, layout="zigzag", g
     gives them (each sequence padded to a multiple of w, 2w for zigzag; see ``dist_attn.layouts``).
     No token attends to another sequence; padded rows give output 0 and get zero gradients.
 
+    ``topology``: "flat" (one ring over the group), "hierarchical" (K/V circulate on each node's fast
+    ring while the next node's blocks arrive over the slow link; see ``dist_attn.topology`` for how nodes
+    are found) or "auto" (hierarchical across several multi-rank nodes when every block must travel,
+    else flat). Every choice gives the same result up to float32 rounding order.
+
     ``backend`` is passed to the local kernel. ``check_peers`` compares every rank's metadata with one
     small all-gather before the ring starts (a disagreement raises on all ranks instead of hanging).
     Without an initialised process group it runs as a world of one.
     """
     check_layout(layout)
+    check_topology(topology)
     _, world_size = _world(group)
     bounds = None
     if cu_seqlens is not None:
@@ -298,5 +363,7 @@ def ring_attention(q, k, v, causal=False, softmax_scale=None, layout="zigzag", g
         check_local_length(layout, local_len)
     if world_size > 1 and check_peers:
         _check_peers(q, k, causal, scale, layout, window, group, bounds)
-    out = RingAttnFunc.apply(q, k, v, causal, scale, layout, group, window, backend, bounds)
+    plan = ring_plan(layout, world_size, local_len, causal, window, bounds)
+    nodes = resolve(topology, group, full_ring=plan == (world_size - 1, 0)) if world_size > 1 else None
+    out = RingAttnFunc.apply(q, k, v, causal, scale, layout, group, window, backend, bounds, nodes)
     return out if bounds is None else out[0]
