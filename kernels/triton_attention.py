@@ -19,6 +19,10 @@ the band reaches (``_bwd_dkdv``, deterministic: no atomics); one kernel per quer
 LSE of all steps, so the local gradients are exact without a merge. Rows with lse = -inf (no visible
 key) get P = 0.
 
+Packed variable-length sequences (``forward_varlen`` / ``backward_varlen``): the same kernels with
+``VARLEN=True`` run every sequence of a call in one launch per kernel, each program reading its
+sequence's rows, positions and band from a small int32 table (see ``_load_pair``).
+
 Run the tests under the interpreter on CPU:  TRITON_INTERPRET=1 pytest tests/test_kernels.py
 """
 
@@ -62,7 +66,7 @@ def _prune_configs(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-_TUNE_KEY = ["seqlen_bucket", "BLOCK_D", "PRECISION"]
+_TUNE_KEY = ["seqlen_bucket", "BLOCK_D", "PRECISION", "VARLEN"]
 _PRUNE = {"early_config_prune": _prune_configs}
 # Positions and lengths change from ring step to ring step: do not compile a variant per value class.
 _NO_SPECIALIZE = ["seqlen_q", "seqlen_k", "q_offset", "k_offset", "below", "above", "seqlen_bucket"]
@@ -151,6 +155,41 @@ def _to_operand(x, dtype: tl.constexpr, PRECISION: tl.constexpr):
     return x.to(dtype)
 
 
+# Packed sequences (VARLEN): one launch covers every sequence of the call. Row p of the int32 pair table
+# ``Table`` (shape (npairs, 8), contiguous; built by ``_pair_table``) describes sequence p:
+#     q_start, q_len, q_offset, k_start, k_len, k_offset, below, above
+# Programs of grid axis 1 take row ``program_id(1) // nheads`` (``// nheads_kv`` in _bwd_dkdv) where a
+# batched call takes the batch; the packed tensors are passed as one batch with batch stride 0, so that
+# index moves no pointer. The row's starts shift the base pointers along the sequence axis and its
+# lengths, offsets and band replace the scalar arguments. Grid axis 0 covers the longest sequence;
+# programs past the end of a shorter one get empty tile ranges (``_empty_if``), and their masked stores
+# write nothing.
+
+
+@triton.jit
+def _load_pair(Table, pair):
+    """Row ``pair`` of the pair table: (q_start, q_len, q_offset, k_start, k_len, k_offset, below, above)."""
+    row = Table + pair * 8
+    return (tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3),
+            tl.load(row + 4), tl.load(row + 5), tl.load(row + 6), tl.load(row + 7))
+
+
+@triton.jit
+def _empty_if(done, start, full_start, full_end, end):
+    """The tile ranges of _band_tiles, made empty when ``done`` (the program's tile is past its sequence)."""
+    return (tl.where(done, 0, start), tl.where(done, 0, full_start), tl.where(done, 0, full_end),
+            tl.where(done, 0, end))
+
+
+@triton.jit
+def _delta_row(Delta, batch, head, nheads, seqlen_q, stride_lb, stride_lh, VARLEN: tl.constexpr):
+    """Start of delta's row for (batch, head). delta is (batch, nheads, seqlen_q), contiguous; for packed
+    sequences it is laid out like the (contiguous) LSE and already shifted to the pair's first row."""
+    if VARLEN:
+        return Delta + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh
+    return Delta + (batch * nheads + head).to(tl.int64) * seqlen_q
+
+
 @triton.jit
 def _band_mask(q_pos, k_pos, below, above):
     diff = q_pos[:, None] - k_pos[None, :]
@@ -187,7 +226,7 @@ def _fwd_inner(acc, row_max, row_sum, q, K_head, V_head, stride_kn, stride_kd, s
 
 @triton.autotune(configs=_configs([(64, 32), (64, 64), (128, 64), (128, 128)]), key=_TUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _fwd_kernel(Q, K, V, Out, Lse,
+def _fwd_kernel(Q, K, V, Out, Lse, Table,
                 stride_qb, stride_qm, stride_qh, stride_qd,
                 stride_kb, stride_kn, stride_kh, stride_kd,
                 stride_vb, stride_vn, stride_vh, stride_vd,
@@ -195,13 +234,20 @@ def _fwd_kernel(Q, K, V, Out, Lse,
                 stride_lb, stride_lh, stride_lm,
                 seqlen_q, seqlen_k, nheads, group,
                 q_offset, q_stride, k_offset, k_stride, below, above, qk_scale, seqlen_bucket,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     batch = tl.program_id(1) // nheads
     head = tl.program_id(1) % nheads
     kv_head = head // group
     m0 = pid_m * BLOCK_M
+    if VARLEN:  # batch is the row of the pair table (see _load_pair)
+        q_start, seqlen_q, q_offset, k_start, seqlen_k, k_offset, below, above = _load_pair(Table, batch)
+        Q += q_start.to(tl.int64) * stride_qm
+        Out += q_start.to(tl.int64) * stride_om
+        Lse += q_start.to(tl.int64) * stride_lm
+        K += k_start.to(tl.int64) * stride_kn
+        V += k_start.to(tl.int64) * stride_vn
     offs_m = m0 + tl.arange(0, BLOCK_M)
     Q_head = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
     K_head = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
@@ -212,6 +258,8 @@ def _fwd_kernel(Q, K, V, Out, Lse,
     q_last = q_offset + (tl.minimum(m0 + BLOCK_M, seqlen_q) - 1) * q_stride
     start, full_start, full_end, end = _band_tiles(q_first, q_last, k_offset, k_stride, seqlen_k,
                                                    below, above, BLOCK_N)
+    if VARLEN:
+        start, full_start, full_end, end = _empty_if(m0 >= seqlen_q, start, full_start, full_end, end)
     q_pos = q_offset + offs_m * q_stride
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -296,7 +344,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row,
 
 @triton.autotune(configs=_configs([(32, 64), (64, 64), (32, 128), (64, 128)]), key=_TUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV,
+def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Table,
               stride_qb, stride_qm, stride_qh, stride_qd,
               stride_kb, stride_kn, stride_kh, stride_kd,
               stride_vb, stride_vn, stride_vh, stride_vd,
@@ -306,12 +354,22 @@ def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV,
               stride_dvb, stride_dvn, stride_dvh, stride_dvd,
               seqlen_q, seqlen_k, nheads, group,
               q_offset, q_stride, k_offset, k_stride, below, above, qk_scale, softmax_scale, seqlen_bucket,
-              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     nheads_kv = nheads // group
     batch = tl.program_id(1) // nheads_kv
     kv_head = tl.program_id(1) % nheads_kv
     n0 = tl.program_id(0) * BLOCK_N
+    if VARLEN:  # batch is the row of the pair table (see _load_pair)
+        q_start, seqlen_q, q_offset, k_start, seqlen_k, k_offset, below, above = _load_pair(Table, batch)
+        Q += q_start.to(tl.int64) * stride_qm
+        DO += q_start.to(tl.int64) * stride_dom
+        Lse += q_start.to(tl.int64) * stride_lm
+        Delta += q_start.to(tl.int64) * stride_lm
+        K += k_start.to(tl.int64) * stride_kn
+        V += k_start.to(tl.int64) * stride_vn
+        DK += k_start.to(tl.int64) * stride_dkn
+        DV += k_start.to(tl.int64) * stride_dvn
     offs_n = n0 + tl.arange(0, BLOCK_N)
     K_head = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     V_head = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
@@ -323,6 +381,8 @@ def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV,
     k_last = k_offset + (tl.minimum(n0 + BLOCK_N, seqlen_k) - 1) * k_stride
     start, full_start, full_end, end = _band_tiles(k_first, k_last, q_offset, q_stride, seqlen_q,
                                                    above, below, BLOCK_M)
+    if VARLEN:
+        start, full_start, full_end, end = _empty_if(n0 >= seqlen_k, start, full_start, full_end, end)
     k_pos = k_offset + offs_n * k_stride
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -331,7 +391,7 @@ def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV,
         Q_head = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
         DO_head = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
         Lse_row = Lse + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh
-        Delta_row = Delta + (batch * nheads + head).to(tl.int64) * seqlen_q
+        Delta_row = _delta_row(Delta, batch, head, nheads, seqlen_q, stride_lb, stride_lh, VARLEN)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, stride_qm, stride_qd,
                                  stride_dom, stride_dod, stride_lm, k_pos, start, full_start, seqlen_q, q_offset,
                                  q_stride, below, above, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, PRECISION)
@@ -370,7 +430,7 @@ def _bwd_dq_inner(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd,
 
 @triton.autotune(configs=_configs([(64, 32), (64, 64), (128, 32), (128, 64)]), key=_TUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ,
+def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Table,
             stride_qb, stride_qm, stride_qh, stride_qd,
             stride_kb, stride_kn, stride_kh, stride_kd,
             stride_vb, stride_vn, stride_vh, stride_vd,
@@ -379,12 +439,21 @@ def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ,
             stride_dqb, stride_dqm, stride_dqh, stride_dqd,
             seqlen_q, seqlen_k, nheads, group,
             q_offset, q_stride, k_offset, k_stride, below, above, qk_scale, softmax_scale, seqlen_bucket,
-            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     batch = tl.program_id(1) // nheads
     head = tl.program_id(1) % nheads
     kv_head = head // group
     m0 = tl.program_id(0) * BLOCK_M
+    if VARLEN:  # batch is the row of the pair table (see _load_pair)
+        q_start, seqlen_q, q_offset, k_start, seqlen_k, k_offset, below, above = _load_pair(Table, batch)
+        Q += q_start.to(tl.int64) * stride_qm
+        DO += q_start.to(tl.int64) * stride_dom
+        Lse += q_start.to(tl.int64) * stride_lm
+        Delta += q_start.to(tl.int64) * stride_lm
+        DQ += q_start.to(tl.int64) * stride_dqm
+        K += k_start.to(tl.int64) * stride_kn
+        V += k_start.to(tl.int64) * stride_vn
     offs_m = m0 + tl.arange(0, BLOCK_M)
     Q_head = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
     DO_head = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
@@ -394,12 +463,15 @@ def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ,
     dout = _load_tile(DO_head, offs_m, stride_dom, stride_dod, seqlen_q, True, HEAD_DIM, BLOCK_D)
     lse = _load_lse_base2(Lse + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh,
                           offs_m, stride_lm, seqlen_q, True)
-    delta = tl.load(Delta + (batch * nheads + head).to(tl.int64) * seqlen_q + offs_m, mask=offs_m < seqlen_q, other=0.0)
+    delta = tl.load(_delta_row(Delta, batch, head, nheads, seqlen_q, stride_lb, stride_lh, VARLEN) + offs_m,
+                    mask=offs_m < seqlen_q, other=0.0)
 
     q_first = q_offset + m0 * q_stride
     q_last = q_offset + (tl.minimum(m0 + BLOCK_M, seqlen_q) - 1) * q_stride
     start, full_start, full_end, end = _band_tiles(q_first, q_last, k_offset, k_stride, seqlen_k,
                                                    below, above, BLOCK_N)
+    if VARLEN:
+        start, full_start, full_end, end = _empty_if(m0 >= seqlen_q, start, full_start, full_end, end)
     q_pos = q_offset + offs_m * q_stride
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _bwd_dq_inner(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, q_pos,
@@ -439,10 +511,10 @@ def forward(q, k, v, scale, qpos: Positions, kpos: Positions, below, above, out_
     lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
     grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads)  # noqa: E731
     _fwd_kernel[grid](
-        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        q, k, v, out, lse, None, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
         seqlen_q, seqlen_k, nheads, nheads // nheads_kv,
         qpos.offset, qpos.stride, kpos.offset, kpos.stride, below, above, scale * LOG2E,
-        _seqlen_bucket(max(seqlen_q, seqlen_k)), **_meta(q, k))
+        _seqlen_bucket(max(seqlen_q, seqlen_k)), VARLEN=False, **_meta(q, k))
     return out.to(out_dtype), lse
 
 
@@ -463,7 +535,68 @@ def backward(dout, q, k, v, out, lse, scale, qpos: Positions, kpos: Positions, b
               _seqlen_bucket(max(seqlen_q, seqlen_k)))
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride())
     _bwd_dkdv[lambda m: (triton.cdiv(seqlen_k, m["BLOCK_N"]), batch * nheads_kv)](
-        q, k, v, dout, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(), *common, **meta)
+        q, k, v, dout, lse, delta, dk, dv, None, *strides, *dk.stride(), *dv.stride(), *common, VARLEN=False, **meta)
     _bwd_dq[lambda m: (triton.cdiv(seqlen_q, m["BLOCK_M"]), batch * nheads)](
-        q, k, v, dout, lse, delta, dq, *strides, *dq.stride(), *common, **meta)
+        q, k, v, dout, lse, delta, dq, None, *strides, *dq.stride(), *common, VARLEN=False, **meta)
     return dq, dk, dv
+
+
+# ------------------------------------------------------------------------- packed (variable-length) launchers
+
+def _pair_table(pairs, device):
+    """The int32 pair table of ``PackedPair`` s (see _load_pair) and the longest q and k lengths."""
+    rows = [(p.q_start, p.q.length, p.q.offset, p.k_start, p.k.length, p.k.offset, p.below, p.above)
+            for p in pairs]
+    table = torch.tensor(rows, dtype=torch.int32, device=device)
+    return table, max(p.q.length for p in pairs), max(p.k.length for p in pairs)
+
+
+def _packed_strides(t):
+    """Strides of a packed tensor seen as one batch with batch stride 0: the kernels' batch index is then
+    the row of the pair table and moves no pointer."""
+    return (0, *t.stride())
+
+
+def forward_varlen(q, k, v, scale, pairs, out, lse):
+    """All packed sequences (``PackedPair`` s, sharing q and k position strides) in one launch. Writes
+    their rows of ``out`` (total_q, H, D) and ``lse`` (H, total_q); other rows are left as they are."""
+    nheads, nheads_kv = q.shape[1], k.shape[1]
+    table, max_q, max_k = _pair_table(pairs, q.device)
+    # The interpreter truncates float32 -> bfloat16 in stores (see forward): compute in float32, copy back.
+    kernel_out = out
+    if INTERPRET and out.dtype == torch.bfloat16:
+        kernel_out = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+    grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), len(pairs) * nheads)  # noqa: E731
+    _fwd_kernel[grid](
+        q, k, v, kernel_out, lse, table, *_packed_strides(q), *_packed_strides(k), *_packed_strides(v),
+        *_packed_strides(kernel_out), *_packed_strides(lse), max_q, max_k, nheads, nheads // nheads_kv,
+        0, pairs[0].q.stride, 0, pairs[0].k.stride, 0, 0, scale * LOG2E,  # per pair: from the table
+        _seqlen_bucket(max(max_q, max_k)), VARLEN=True, **_meta(q, k))
+    if kernel_out is not out:
+        rows = torch.cat([torch.arange(p.q_start, p.q_start + p.q.length) for p in pairs])
+        out[rows] = kernel_out[rows].to(out.dtype)
+
+
+def backward_varlen(dout, q, k, v, out, lse, scale, pairs, dq, dk, dv):
+    """Gradients of ``forward_varlen``, one launch per kernel: writes each pair's rows of dq, dk, dv
+    (float32, shaped like q, k, v)."""
+    total_q, nheads, headdim = q.shape
+    nheads_kv = k.shape[1]
+    table, max_q, max_k = _pair_table(pairs, q.device)
+    meta = _meta(q, k)
+    # delta over all packed rows as one sequence: (1, H, total_q), the layout of a contiguous lse
+    lse = lse.contiguous()
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+    _bwd_preprocess[(triton.cdiv(total_q, 64), nheads)](
+        out, dout, delta, *_packed_strides(out), *_packed_strides(dout), total_q, nheads,
+        HEAD_DIM=headdim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=64)
+    common = (max_q, max_k, nheads, nheads // nheads_kv,
+              0, pairs[0].q.stride, 0, pairs[0].k.stride, 0, 0, scale * LOG2E, scale,  # per pair: from the table
+              _seqlen_bucket(max(max_q, max_k)))
+    strides = (*_packed_strides(q), *_packed_strides(k), *_packed_strides(v), *_packed_strides(dout),
+               *_packed_strides(lse))
+    _bwd_dkdv[lambda m: (triton.cdiv(max_k, m["BLOCK_N"]), len(pairs) * nheads_kv)](
+        q, k, v, dout, lse, delta, dk, dv, table, *strides, *_packed_strides(dk), *_packed_strides(dv), *common,
+        VARLEN=True, **meta)
+    _bwd_dq[lambda m: (triton.cdiv(max_q, m["BLOCK_M"]), len(pairs) * nheads)](
+        q, k, v, dout, lse, delta, dq, table, *strides, *_packed_strides(dq), *common, VARLEN=True, **meta)

@@ -37,7 +37,9 @@ def compile_for_sm90(kernel, pointer_dtypes, constants, num_warps, num_stages):
 
 def cases():
     """(name, kernel, pointer dtypes, constexprs, warps, stages): the largest tile of each autotune
-    space for 16-bit inputs, the float32 config, and the delta preprocessing."""
+    space for 16-bit inputs, the float32 config, and the delta preprocessing. Each attention kernel is
+    compiled as launched for batched input (``Table=None``) and for packed sequences ("-varlen": an
+    int32 pair table)."""
     for dtype, headdim in (("bf16", 128), ("fp16", 96), ("fp32", 64)):
         precision = ta._dot_precision(DTYPES[dtype])
         io = dict(Q=dtype, K=dtype, V=dtype)
@@ -54,7 +56,10 @@ def cases():
                 warps, stages = config.num_warps, config.num_stages
             constants = dict(HEAD_DIM=headdim, BLOCK_D=triton.next_power_of_2(headdim), PRECISION=precision,
                              BLOCK_M=block_m, BLOCK_N=block_n)
-            yield f"{name}-{dtype}-hd{headdim}", kernel, pointers, constants, warps, stages
+            yield (f"{name}-{dtype}-hd{headdim}", kernel, pointers, dict(constants, Table=None, VARLEN=False),
+                   warps, stages)
+            yield (f"{name}-varlen-{dtype}-hd{headdim}", kernel, dict(pointers, Table="i32"),
+                   dict(constants, VARLEN=True), warps, stages)
     yield ("preprocess-bf16-hd128", ta._bwd_preprocess, dict(Out="bf16", DOut="bf16", Delta="fp32"),
            dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=64), 4, 1)
 

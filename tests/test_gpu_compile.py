@@ -17,6 +17,7 @@ import pytest
 
 H100_SHARED_MEMORY = 232448  # bytes per block on sm_90 (227 KiB)
 CASES = [f"{kernel}-{dtype}" for dtype in ("bf16-hd128", "fp16-hd96", "fp32-hd64") for kernel in ("fwd", "dkdv", "dq")]
+CASES += [case.replace("-", "-varlen-", 1) for case in CASES]  # the packed-sequence (VARLEN) variants
 
 
 @pytest.fixture(scope="module")

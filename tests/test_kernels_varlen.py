@@ -155,3 +155,66 @@ def test_bad_cu_seqlens_and_spans_raise_clear_errors():
         flash_attn_varlen_forward(q, k, v, None, False, [(0, 5, 0), (5, 5, 0)], [(0, 10, 0)])
     with pytest.raises(TypeError, match=r"q_spans\[0\] must be a tuple \(start, length, offset\) of ints"):
         flash_attn_varlen_forward(q, k, v, None, False, [(0, 5)], [(0, 10, 0)])
+
+
+# ------------------------------------------------------------------------------ Triton: one launch per kernel
+
+class _LaunchLog:
+    """Stands in for a Triton kernel and records the grid of every launch (``kernel[grid](...)``)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid(dict(BLOCK_M=32, BLOCK_N=32)) if callable(grid) else grid)
+        return self.kernel[grid]
+
+
+def test_triton_packs_every_sequence_into_one_launch_per_kernel(monkeypatch):
+    """Three sequences, GQA: one launch of each kernel, grid axis 1 = sequences x heads, axis 0 = the
+    longest sequence; the short sequences' surplus programs change nothing."""
+    from kernels import triton_attention as ta
+
+    logs = {name: _LaunchLog(getattr(ta, name)) for name in ("_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv", "_bwd_dq")}
+    for name, log in logs.items():
+        monkeypatch.setattr(ta, name, log)
+    lengths = [40, 7, 75]
+    q, k, v, dout = packed_inputs(sum(lengths), sum(lengths), 4, 2, seed=3, device=DEVICE)
+    spans = [(int(s), n, 0) for s, n in zip(cu(lengths)[:-1], lengths)]
+    out, lse = flash_attn_varlen_forward(q, k, v, None, True, spans, spans, backend="triton")
+    grads = flash_attn_varlen_backward(dout, q, k, v, out, lse, None, True, spans, spans, backend="triton")
+    assert {name: len(log.grids) for name, log in logs.items()} == dict.fromkeys(logs, 1)
+    assert tuple(logs["_fwd_kernel"].grids[0]) == (3, 3 * 4)     # cdiv(75, 32) query tiles, 3 sequences x 4 heads
+    assert tuple(logs["_bwd_dkdv"].grids[0]) == (3, 3 * 2)       # per KV head
+    assert tuple(logs["_bwd_dq"].grids[0]) == (3, 3 * 4)
+    assert_close((out, lse, *grads), expected(q.cpu(), k.cpu(), v.cpu(), dout.cpu(), spans, spans, True, None))
+
+
+@pytest.mark.parametrize("out_dtype", [None, torch.float32], ids=["bf16_out", "fp32_out"])
+def test_triton_bf16_packed_matches_one_call_per_sequence(out_dtype):
+    """bfloat16: the packed launch gives each sequence what a separate (batched-path) call at the same
+    positions gives it: bit for bit under the interpreter (same tiles), to bf16 rounding on a GPU
+    (where the autotuner may pick other tiles). Uncovered rows stay 0 / -inf / 0."""
+    from kernels import flash_attn_backward, flash_attn_forward
+
+    q, k, v, dout = (t.bfloat16() for t in packed_inputs(90, 80, 2, 1, seed=4, device=DEVICE))
+    q_spans, k_spans = [(50, 35, 7), (0, 45, 0)], [(40, 40, 3), (0, 33, 0)]   # rows 45..49, 85..89: padding
+    out, lse = flash_attn_varlen_forward(q, k, v, None, True, q_spans, k_spans, q_stride=2, backend="triton",
+                                         out_dtype=out_dtype)
+    grads = flash_attn_varlen_backward(dout, q, k, v, out.to(q.dtype), lse, None, True, q_spans, k_spans,
+                                       q_stride=2, backend="triton")
+    assert out.dtype == (out_dtype or torch.bfloat16)
+    tol = dict(rtol=0, atol=0) if DEVICE.type == "cpu" else dict(rtol=2e-2, atol=2e-2)
+    for (qs, ql, qo), (ks, kl, ko) in zip(q_spans, k_spans):
+        rows, cols = slice(qs, qs + ql), slice(ks, ks + kl)
+        one_out, one_lse = flash_attn_forward(q[None, rows], k[None, cols], v[None, cols], None, True, qo, ko, 2,
+                                              backend="triton", out_dtype=out_dtype)
+        one_grads = flash_attn_backward(dout[None, rows], q[None, rows], k[None, cols], v[None, cols],
+                                        one_out.to(q.dtype), one_lse, None, True, qo, ko, 2, backend="triton")
+        torch.testing.assert_close(out[rows], one_out[0], **tol)
+        torch.testing.assert_close(lse[:, rows], one_lse[0], **tol)
+        for grad, one, span in zip(grads, one_grads, (rows, cols, cols)):
+            torch.testing.assert_close(grad[span], one[0], **tol)
+    padding = torch.cat([torch.arange(45, 50), torch.arange(85, 90)])
+    assert torch.all(out[padding] == 0) and torch.all(torch.isneginf(lse[:, padding]))
+    assert torch.all(grads[0][padding] == 0)
