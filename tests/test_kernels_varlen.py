@@ -12,6 +12,7 @@ from kernels import flash_attn_varlen_backward, flash_attn_varlen_forward, flash
 FWD_TOL, GRAD_TOL = 2e-5, 1e-4
 BACKENDS = ["torch", "triton"]
 SEQLENS = [1, 7, 130, 515]  # divisible by nothing convenient
+SEQLENS_INTERPRETED = [1, 7, 130, 67]  # the Triton interpreter is slow: the same shapes without the long one
 
 
 def device_for(backend):
@@ -67,7 +68,7 @@ def assert_close(actual, reference):
 def test_varlen_func_matches_per_sequence_reference(backend, causal, heads):
     """flash_attn_varlen_func forward and autograd backward; no attention across sequences."""
     device = device_for(backend)
-    lengths = SEQLENS
+    lengths = SEQLENS_INTERPRETED if backend == "triton" and device.type == "cpu" else SEQLENS
     total = sum(lengths)
     q, k, v, dout = packed_inputs(total, total, *heads, device=device)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
