@@ -20,6 +20,25 @@ its busiest rank (for causal contiguous that is the last rank: the critical path
 The link of a flat ring is its slowest hop: the intra-node link (NVLink) while w <= gpus_per_node, else the
 inter-node link (InfiniBand).
 
+Hierarchical ring ("ring-hierarchical", BurstAttention-style double ring; zigzag layout, so every off-diagonal
+block has the same causal work). w = nodes x g, g = min(w, gpus_per_node), rank (n, i) = n*g + i. Outer step
+o = 0..nodes-1: node n works on the block set of node (n - o) mod nodes, which circulates on the intra-node
+ring (g inner steps; at inner step s rank (n, i) holds block ((n - o) mod nodes, (i - s) mod g)). Meanwhile
+every rank sends the block it started the outer step with to rank (n + 1, i) over its own inter-node link
+(prefetch of the next outer step: one block per rank per outer step). Per outer step, with the flat-ring step
+terms above on the intra link (c over the hierarchical P, T_kv hops for s < g-1, T_dkv hops for s >= 1):
+  fwd(o) = max(sum_s [max(c_fwd, T_kv^intra [s < g-1]) + overhead], T_kv^inter [o < nodes-1])
+  bwd(o) = max(sum_s [max(c_bwd, T_kv^intra [s < g-1] + T_dkv^intra [s >= 1]) + overhead],
+               T_kv^inter [o < nodes-1] + T_dkv^inter [o >= 1])
+  fwd = sum_o fwd(o); bwd = sum_o bwd(o) + T_dkv^inter (T_dkv^intra with one node)
+Assumed dK/dV path: a block's fp32 accumulator follows it around the inner ring; after the g-th kernel it is
+on rank (n, i-1) and goes straight over the inter-node link to rank (n+1, i-1), which holds that block's next
+accumulator at the end of the next outer step and adds it (the same rail, overlapped with that step; no
+intra-node return hop). After the last outer step one inter-node hop returns every accumulator to its owner,
+as the flat ring's last hop does. The prefetch needs extra buffers (memory: + 2 K/V blocks + 2 fp32 dK/dV blocks
+per rank, the inter-node send and receive copies). With one node this is the flat ring (same terms); with more
+nodes the flat ring pays T^inter at every one of its w steps, the hierarchical ring once per g steps.
+
 Ulysses (u = w, needs H % u == 0): all-to-all of q, k, v in and out back (bwd: dout in, dq, dk, dv back);
 bytes per rank = ``benchmarks.comm_volume.formula`` (u-1)/u * B*L*D*e * (2H + 2Hk'), Hk' = max(Hk, u), as 4
 collectives: fwd = bwd = 4*alpha + bytes/beta + kernel on the full sequence with H/u heads + overhead.
@@ -55,6 +74,8 @@ Validation (CPU, gloo): the ring's fwd+bwd time predicted from the CPU kernel th
 gloo alpha/beta, then measured with benchmarks.ring_cpu's worker (``_ring_worker`` via launch.spawn.run_world).
 
     python -m benchmarks.scaling                      # writes benchmarks/results/scaling_cpu.md and .png (~1-3 min)
+                                                      # and scaling_cpu_hierarchical.md and .png (flat vs
+                                                      # hierarchical ring, 1..128 nodes of 8 GPUs)
     python -m benchmarks.scaling --validate-worlds 1 2 --validate-seqlen 64 --tag smoke --out-dir /tmp/x
     python -m benchmarks.scaling --help
 """
@@ -88,7 +109,8 @@ ELEM_BYTES = {"float32": 4, "bfloat16": 2}
 ACC_BYTES = 4                      # fp32 dK/dV accumulators
 FWD_FLOPS_PER_PAIR = 4             # x D per visible pair and head
 BWD_FACTOR = 2.5
-STRATEGIES = ("ring-contiguous", "ring-zigzag", "ring-striped", "ulysses", "hybrid", "allgather-kv")
+STRATEGIES = ("ring-contiguous", "ring-zigzag", "ring-striped", "ring-hierarchical", "ulysses", "hybrid",
+              "allgather-kv")
 GPU_FWD_TFLOPS_ASSUMED = 350.0     # ASSUMED placeholder, used only while no kernel_*.md exists
 GPU_BWD_TFLOPS_ASSUMED = 250.0
 
@@ -189,18 +211,35 @@ def _segs(layout, ranks, w, L):
             for i, seg in enumerate(per_rank[0])]
 
 
-@lru_cache(maxsize=None)
-def pair_counts(layout, w, L, causal):
-    """int64 array [step, rank]: visible (q, k) pairs per head and batch element at each ring step."""
+def _pairs(layout, w, L, causal, src):
+    """int64 array shaped like ``src`` [step, rank]: visible pairs of rank r's queries against the K/V block of
+    rank src[step, r]."""
     if not causal:
-        return np.full((w, w), L * L, dtype=np.int64)
+        return np.full(src.shape, L * L, dtype=np.int64)
     ranks = np.arange(w, dtype=np.int64)[None, :]
-    src = (ranks - np.arange(w, dtype=np.int64)[:, None]) % w
-    total = np.zeros((w, w), dtype=np.int64)
+    total = np.zeros(src.shape, dtype=np.int64)
     for qa, s, n in _segs(layout, ranks, w, L):
         for ka, _, m in _segs(layout, src, w, L):
             total += _causal_count(qa, ka, s, n, m)
     return total
+
+
+@lru_cache(maxsize=None)
+def pair_counts(layout, w, L, causal):
+    """int64 array [step, rank]: visible (q, k) pairs per head and batch element at each ring step."""
+    ranks = np.arange(w, dtype=np.int64)[None, :]
+    return _pairs(layout, w, L, causal, (ranks - np.arange(w, dtype=np.int64)[:, None]) % w)
+
+
+@lru_cache(maxsize=None)
+def hierarchical_pair_counts(layout, nodes, g, L, causal):
+    """int64 array [outer, inner, rank] of the hierarchical ring (w = nodes * g, rank = node * g + i): at outer
+    step o, inner step s rank (n, i) holds the block of rank ((n - o) mod nodes, (i - s) mod g)."""
+    w = nodes * g
+    r = np.arange(w, dtype=np.int64)
+    o, s = np.divmod(np.arange(w, dtype=np.int64), g)
+    src = ((r // g - o[:, None]) % nodes) * g + (r % g - s[:, None]) % g
+    return _pairs(layout, w, L, causal, src).reshape(nodes, g, w)
 
 
 def kernel_time(pairs, shape, heads, hw, bwd):
@@ -211,15 +250,46 @@ def kernel_time(pairs, shape, heads, hw, bwd):
 def ring_times(shape, hw, link, layout, r, block, q_heads, kv_bytes):
     """(fwd s, bwd s) of a ring of r ranks holding ``block`` tokens with ``q_heads`` query heads; one K/V
     message is ``kv_bytes`` (its fp32 dK/dV message is kv_bytes * 4 / e)."""
-    busiest = pair_counts(layout, r, block, shape.causal).max(axis=1)
+    fwd, bwd = ring_steps(pair_counts(layout, r, block, shape.causal).max(axis=1), shape, hw, link, q_heads, kv_bytes)
+    return sum(fwd), sum(bwd) + (link.time(kv_bytes * ACC_BYTES // shape.e) if r > 1 else 0.0)
+
+
+def ring_steps(busiest, shape, hw, link, q_heads, kv_bytes):
+    """([fwd s], [bwd s]) per lock-step ring step (busiest = the busiest rank's pairs per step), without the
+    last dK/dV hop after the last kernel."""
+    r = len(busiest)
     t_kv, t_dkv = link.time(kv_bytes), link.time(kv_bytes * ACC_BYTES // shape.e)
-    fwd = bwd = 0.0
+    fwd, bwd = [], []
     for s in range(r):
         kv = t_kv if s < r - 1 else 0.0
-        fwd += max(kernel_time(int(busiest[s]), shape, q_heads, hw, False), kv) + hw.overhead_s
-        bwd += max(kernel_time(int(busiest[s]), shape, q_heads, hw, True), kv + (t_dkv if s >= 1 else 0.0)) \
-            + hw.overhead_s
-    return fwd, bwd + (t_dkv if r > 1 else 0.0)
+        fwd.append(max(kernel_time(int(busiest[s]), shape, q_heads, hw, False), kv) + hw.overhead_s)
+        bwd.append(max(kernel_time(int(busiest[s]), shape, q_heads, hw, True), kv + (t_dkv if s >= 1 else 0.0))
+                   + hw.overhead_s)
+    return fwd, bwd
+
+
+def hierarchical_steps(shape, hw, w, L, kv_bytes):
+    """([fwd s], [bwd s]) per outer step and the last dK/dV hop (s) of the hierarchical (double) ring on
+    w = nodes x g ranks, zigzag layout (module docstring): per outer step an inner ring of g ranks over
+    ``hw.intra`` overlapped with one ``hw.inter`` hop per rank."""
+    g = min(w, hw.gpus_per_node)
+    nodes = w // g
+    busiest = hierarchical_pair_counts("zigzag", nodes, g, L, shape.causal).max(axis=2)
+    dkv_bytes = kv_bytes * ACC_BYTES // shape.e
+    t_kv, t_dkv = hw.inter.time(kv_bytes), hw.inter.time(dkv_bytes)
+    fwd, bwd = [], []
+    for o in range(nodes):
+        inner_fwd, inner_bwd = ring_steps(busiest[o], shape, hw, hw.intra, shape.heads, kv_bytes)
+        kv = t_kv if o < nodes - 1 else 0.0
+        fwd.append(max(sum(inner_fwd), kv))
+        bwd.append(max(sum(inner_bwd), kv + (t_dkv if o >= 1 else 0.0)))
+    tail = t_dkv if nodes > 1 else hw.intra.time(dkv_bytes) if g > 1 else 0.0   # last dK/dV hop to the owner
+    return fwd, bwd, tail
+
+
+def hierarchical_ring_times(shape, hw, w, L, kv_bytes):
+    fwd, bwd, tail = hierarchical_steps(shape, hw, w, L, kv_bytes)
+    return sum(fwd), sum(bwd) + tail
 
 
 def _volume_cfg(shape, N, w):
@@ -245,9 +315,11 @@ def kv_heads_eff(shape, u):
 
 def feasible(strategy, shape, N, w, hw):
     """'' when the strategy can run N tokens on w ranks, else why not."""
-    layout_mult = 2 * w if strategy in ("ring-zigzag", "hybrid", "allgather-kv") else w
+    layout_mult = 2 * w if strategy in ("ring-zigzag", "ring-hierarchical", "hybrid", "allgather-kv") else w
     if N % layout_mult:
         return f"N % {layout_mult} != 0"
+    if strategy == "ring-hierarchical" and w > hw.gpus_per_node and w % hw.gpus_per_node:
+        return f"w % gpus_per_node ({hw.gpus_per_node}) != 0"
     if strategy == "ulysses":
         if shape.heads % w:
             return f"heads ({shape.heads}) % w != 0"
@@ -263,7 +335,9 @@ def model(strategy, shape, hw, N, w):
     B, H, Hk, D, e = shape.batch, shape.heads, shape.kv_heads, shape.headdim, shape.e
     L = N // w
     kv_block = 2 * B * L * Hk * D * e
-    if strategy.startswith("ring-"):
+    if strategy == "ring-hierarchical":
+        fwd, bwd = hierarchical_ring_times(shape, hw, w, L, kv_block)
+    elif strategy.startswith("ring-"):
         fwd, bwd = ring_times(shape, hw, hw.link(w), strategy[5:], w, L, H, kv_block)
     elif strategy == "ulysses":
         a2a = 4 * hw.link(w).alpha_s + all_to_all_bytes(shape, N, w, w) / hw.link(w).beta_bytes_per_s if w > 1 else 0.0
@@ -301,6 +375,8 @@ def memory_per_rank(strategy, shape, N, w, hw):
     B, H, Hk, D, e = shape.batch, shape.heads, shape.kv_heads, shape.headdim, shape.e
     L = N // w
     local = 2 * B * L * H * D * e + 2 * B * L * Hk * D * e          # q, out, k, v
+    if strategy == "ring-hierarchical" and w > hw.gpus_per_node:   # + inter-node send/receive K/V and dK/dV
+        return _ring_memory(B, L, H, Hk, D, e) + 2 * (2 * B * L * Hk * D * e) + 2 * (2 * B * L * Hk * D * ACC_BYTES)
     if strategy.startswith("ring-"):
         return _ring_memory(B, L, H, Hk, D, e)
     if strategy == "ulysses":
@@ -415,6 +491,8 @@ class ScalingConfig:
     gpu_overhead_us: float = 20.0           # ASSUMED per-step overhead on GPUs (launch, merge)
     gpu_fwd_tflops: float = GPU_FWD_TFLOPS_ASSUMED
     gpu_bwd_tflops: float = GPU_BWD_TFLOPS_ASSUMED
+    hier_tokens_per_gpu: list[int] = field(default_factory=lambda: [1024, 2048, 8192, 32768])
+    hier_max_nodes: int = 128               # flat vs hierarchical ring: 1, 2, 4, ... nodes of gpus_per_node GPUs
     cpu_throughput_seqlens: list[int] = field(default_factory=lambda: [1024, 2048])
     validate_worlds: list[int] = field(default_factory=lambda: [1, 2, 4])
     validate_seqlen: int = 4096
@@ -439,9 +517,16 @@ class ScalingConfig:
               "validate_seqlen must be a multiple of 2 * every validate world")
         _need(self.validate_iters >= 1 and self.validate_warmup >= 0, "validate_iters >= 1, validate_warmup >= 0")
         _need(bool(self.cpu_throughput_seqlens), "cpu_throughput_seqlens must not be empty")
+        _need(bool(self.hier_tokens_per_gpu) and all(t >= 2 and t % 2 == 0 for t in self.hier_tokens_per_gpu),
+              "hier_tokens_per_gpu must be even and >= 2 (zigzag)")
+        _need(self.hier_max_nodes >= 1 and self.hier_max_nodes & (self.hier_max_nodes - 1) == 0,
+              "hier_max_nodes must be a power of two")
 
     def worlds(self):
         return [2 ** i for i in range(int(math.log2(self.max_world)) + 1)]
+
+    def nodes(self):
+        return [2 ** i for i in range(int(math.log2(self.hier_max_nodes)) + 1)]
 
     def shape(self):
         return Shape(self.batch, self.heads, self.kv_heads, self.headdim, self.dtype, True)
@@ -476,6 +561,8 @@ def run(cfg):
     worlds = cfg.worlds()
     weak = {s: [model(s, shape, gpu, cfg.weak_block * w, w) for w in worlds] for s in STRATEGIES}
     strong = {(n, s): [model(s, shape, gpu, n, w) for w in worlds] for n in cfg.strong_seqlens for s in STRATEGIES}
+    hier = {(L, s): [model(s, shape, gpu, L * n * cfg.gpus_per_node, n * cfg.gpus_per_node) for n in cfg.nodes()]
+            for L in cfg.hier_tokens_per_gpu for s in ("ring-zigzag", "ring-hierarchical")}
     hidden = {(link.name, bwd): hidden_block_length(shape, gpu, link, bwd) for link in (NVLINK, INFINIBAND)
               for bwd in (False, True)}
     cpu_hw = Hardware("CPU", tp[1][0], tp[1][1], gloo, gloo, 10**9, 0.0, "measured, 1 thread")
@@ -496,7 +583,7 @@ def run(cfg):
                                    pred_c_ms=pred_c["total"] * 1e3, meas_fwd_ms=fwd_ms, meas_bwd_ms=bwd_ms,
                                    meas_ms=fwd_ms + bwd_ms))
     return dict(cfg=cfg, shape=shape, vshape=vshape, gpu=gpu, gpu_label=gpu_label, kernel=kernel, gloo=gloo, tp=tp,
-                worlds=worlds, weak=weak, strong=strong, hidden=hidden, hidden_cpu=hidden_cpu, validation=validation,
+                worlds=worlds, weak=weak, strong=strong, hier=hier, hidden=hidden, hidden_cpu=hidden_cpu, validation=validation,
                 cores=cores, load=(load_before, os.getloadavg()[0]))
 
 
@@ -541,7 +628,7 @@ def report(res, argv):
                   md_row(head), md_row(["---"] * len(head))]
         lines += [md_row([s] + [_fmt_eff(r) for r in res["strong"][(n, s)]]) for s in STRATEGIES]
         lines += [md_row([f"{s} fwd+bwd s"] + ["n/a" if r is None else f"{r['total']:.3g}" for r in res["strong"][(n, s)]])
-                  for s in ("ring-zigzag", "hybrid")]
+                  for s in ("ring-zigzag", "ring-hierarchical", "hybrid")]
     lines += ["", f"## Block length per rank above which the ring hides its communication (MODELLED; {label})", "",
               "balanced causal ring step: compute >= transfer; tokens per rank", "",
               md_row(["link", "forward", "backward"]), md_row(["---"] * 3)]
@@ -575,6 +662,93 @@ def report(res, argv):
                   "the ranks share cores, which the plain prediction (one core per rank) does not model." if over else
                   "No validation world is oversubscribed."]
     return "\n".join(lines) + "\n"
+
+
+def _step_terms(shape, hw, L, nodes=4):
+    """Model terms (s) at L tokens per GPU, w = nodes x g: the kernel of an off-diagonal step, the hops, and the
+    cost of one middle outer step (outer step 1: every transfer present) hierarchical vs the same g flat steps."""
+    g = hw.gpus_per_node
+    w, kv = nodes * g, 2 * shape.batch * L * shape.kv_heads * shape.headdim * shape.e
+    busiest = pair_counts("zigzag", w, L, shape.causal).max(axis=1)
+    flat_f, flat_b = ring_steps(busiest, shape, hw, hw.link(w), shape.heads, kv)
+    hier_f, hier_b, _ = hierarchical_steps(shape, hw, w, L, kv)
+    return dict(c_fwd=kernel_time(int(busiest[1]), shape, shape.heads, hw, False),
+                c_bwd=kernel_time(int(busiest[1]), shape, shape.heads, hw, True), kv_mb=kv / 1e6,
+                **{f"{k}_{link.name}": link.time(n) for link in (hw.intra, hw.inter)
+                   for k, n in (("kv", kv), ("dkv", kv * ACC_BYTES // shape.e))},
+                flat_fwd=sum(flat_f[g:2 * g]), flat_bwd=sum(flat_b[g:2 * g]), hier_fwd=hier_f[1], hier_bwd=hier_b[1])
+
+
+def report_hierarchical(res, argv):
+    cfg, shape, gpu, label = res["cfg"], res["shape"], res["gpu"], res["gpu_label"]
+    g, nodes = cfg.gpus_per_node, cfg.nodes()
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"# Flat vs hierarchical ring across nodes ({cfg.tag}): MODELLED", "",
+             "**MODELLED**, nothing here is measured: outputs of the cost model in `benchmarks/scaling.py` (flat "
+             "ring = `ring-zigzag`, hierarchical = `ring-hierarchical`; formulas and assumptions in its docstring). "
+             f"GPU kernel throughput: {label}.", "",
+             f"- machine that ran the model: {machine_name()}; {versions()}; {now}",
+             "- command: `" + shlex.join(["python", "-m", "benchmarks.scaling", *argv]) + "`",
+             f"- {g} GPUs per node over {NVLINK.name} {NVLINK.beta_bytes_per_s / 1e9:g} GB/s ({NVLINK.source}); "
+             f"nodes over {INFINIBAND.name} {INFINIBAND.beta_bytes_per_s / 1e9:g} GB/s per GPU ({INFINIBAND.source}); "
+             f"per-step overhead {gpu.overhead_s * 1e6:g} us (ASSUMED)",
+             f"- shape B{shape.batch} H{shape.heads}/{shape.kv_heads} D{shape.headdim} {shape.dtype}, causal, zigzag "
+             "layout, forward + backward; weak scaling (fixed tokens per GPU)",
+             "- flat ring: with more than one node every one of its w steps waits on the InfiniBand hop; hierarchical: "
+             f"the K/V blocks circulate on the {NVLINK.name} ring inside a node ({g} inner steps) while each GPU "
+             "prefetches the next node's block over its own InfiniBand link, once per outer step",
+             "", f"## Efficiency vs single-GPU kernel throughput (MODELLED; {label})", "",
+             "efficiency = single-GPU kernel time of the same work / (w x modelled fwd+bwd time)", ""]
+    head = ["nodes", "GPUs"] + [f"{L // 1024}K/GPU {k}" for L in cfg.hier_tokens_per_gpu for k in ("flat", "hier")]
+    lines += [md_row(head), md_row(["---"] * len(head))]
+    for i, n in enumerate(nodes):
+        lines.append(md_row([n, n * g] + [_fmt_eff(res["hier"][(L, s)][i]) for L in cfg.hier_tokens_per_gpu
+                                          for s in ("ring-zigzag", "ring-hierarchical")]))
+    lines += ["", f"## Step terms, ms (MODELLED; {label})", "",
+              f"kernel = one off-diagonal ring step of the busiest GPU; hops = one message (K/V {shape.dtype}, dK/dV "
+              f"fp32); last two columns: {g} flat steps vs one hierarchical outer step ({g} inner steps + the "
+              f"overlapped InfiniBand prefetch), both at outer step 1 of 4 nodes, fwd / bwd", "",
+              md_row(["tokens/GPU", "K/V MB", "kernel fwd / bwd", f"K/V hop {NVLINK.name} / {INFINIBAND.name}",
+                      f"dK/dV hop {NVLINK.name} / {INFINIBAND.name}", f"flat, {g} steps fwd / bwd",
+                      "hierarchical, 1 outer step fwd / bwd"]), md_row(["---"] * 7)]
+    for L in cfg.hier_tokens_per_gpu:
+        t = {k: v * 1e3 if k != "kv_mb" else v for k, v in _step_terms(shape, gpu, L).items()}
+        lines.append(md_row([f"{L:,}", f"{t['kv_mb']:.1f}", f"{t['c_fwd']:.3f} / {t['c_bwd']:.3f}",
+                             f"{t['kv_' + NVLINK.name]:.3f} / {t['kv_' + INFINIBAND.name]:.3f}",
+                             f"{t['dkv_' + NVLINK.name]:.3f} / {t['dkv_' + INFINIBAND.name]:.3f}",
+                             f"{t['flat_fwd']:.2f} / {t['flat_bwd']:.2f}", f"{t['hier_fwd']:.2f} / {t['hier_bwd']:.2f}"]))
+    return "\n".join(lines) + "\n"
+
+
+def plot_hierarchical(res, plt, path):
+    cfg, nodes = res["cfg"], res["cfg"].nodes()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for i, L in enumerate(cfg.hier_tokens_per_gpu):
+        flat, hier = (res["hier"][(L, s)] for s in ("ring-zigzag", "ring-hierarchical"))
+        axes[0].plot(nodes, [r["efficiency"] for r in flat], color=f"C{i}", marker="o", ms=3, label=f"flat, {L // 1024}K/GPU")
+        axes[0].plot(nodes, [r["efficiency"] for r in hier], color=f"C{i}", marker="s", ms=3, ls="--",
+                     label=f"hierarchical, {L // 1024}K/GPU")
+        axes[1].plot(nodes, [f["total"] / h["total"] for f, h in zip(flat, hier)], color=f"C{i}", marker="o", ms=3,
+                     label=f"{L // 1024}K tokens/GPU")
+    tag = f"MODELLED; {res['gpu_label']}"
+    axes[0].set(title=f"efficiency vs single-GPU kernel throughput (weak scaling)\n{tag}", ylabel="efficiency (modelled)",
+                ylim=(0, 1.05))
+    axes[1].set(title=f"speedup of the hierarchical ring: flat fwd+bwd time / hierarchical\n{tag}",
+                ylabel="speedup (modelled)", ylim=(0, None))
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(nodes, [str(n) for n in nodes])
+        ax.set_xlabel(f"nodes ({cfg.gpus_per_node} GPUs each, {NVLINK.name} inside, {INFINIBAND.name} between)")
+        ax.grid(alpha=0.3)
+        ax.title.set_fontsize(8)
+    axes[0].legend(fontsize=7, ncol=2, loc="lower right")
+    axes[1].legend(fontsize=7, loc="lower right")
+    sh = res["shape"]
+    fig.suptitle(f"flat vs hierarchical ring attention across nodes (MODELLED), B{sh.batch} H{sh.heads}/{sh.kv_heads} "
+                 f"D{sh.headdim} {sh.dtype} causal, fwd+bwd", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def _lines(ax, worlds, data, key, scale=1.0):
@@ -658,6 +832,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     cfg = parse_args(argv)
     res = run(cfg)
+    write_result(cfg.out_dir, f"scaling_{cfg.tag}_hierarchical", report_hierarchical(res, argv),
+                 lambda plt, path: plot_hierarchical(res, plt, path))
     return write_result(cfg.out_dir, f"scaling_{cfg.tag}", report(res, argv), lambda plt, path: plot(res, plt, path))
 
 

@@ -37,6 +37,79 @@ def test_transfer_bound_ring_step():
     assert r["efficiency"] == pytest.approx(single / (2 * (9.5 + 25.5)))
 
 
+def test_hierarchical_hand_case():
+    # 2 nodes x 2 GPUs, L = 1000 tokens per GPU, non-causal, 1 head, D 1, bf16, overhead 0.1 s.
+    # kernel per step: 1e6 pairs * 4 / 4e6 = 1 s fwd; 1e6 * 4 * 2.5 / 1e7 = 1 s bwd.
+    # K/V message 2*1000*2 = 4000 B, fp32 dK/dV 8000 B.
+    # NVLink-like (alpha 0, 1e5 B/s): K/V 0.04 s, dK/dV 0.08 s (hidden behind 1 s of compute).
+    # IB-like (alpha 0.5 s, 2e3 B/s): K/V 0.5 + 2 = 2.5 s, dK/dV 0.5 + 4 = 4.5 s.
+    shape = sc.Shape(batch=1, heads=1, kv_heads=1, headdim=1, dtype="bfloat16", causal=False)
+    h = sc.Hardware("t", 4e6, 1e7, sc.Link("nv", 0.0, 1e5), sc.Link("ib", 0.5, 2e3), 2, 0.1)
+    # flat (w = 4 > 2 per node: every hop at the IB rate), per step:
+    #   fwd: steps 0-2 max(1, 2.5) + 0.1 = 2.6, step 3 1 + 0.1 = 1.1                        -> 8.9
+    #   bwd: step 0 max(1, 2.5) + 0.1 = 2.6, steps 1-2 max(1, 2.5 + 4.5) + 0.1 = 7.1,
+    #        step 3 max(1, 4.5) + 0.1 = 4.6, last dK/dV hop 4.5                            -> 25.9
+    flat = sc.model("ring-zigzag", shape, h, 4000, 4)
+    assert (flat["fwd"], flat["bwd"]) == (pytest.approx(8.9), pytest.approx(25.9))
+    # hierarchical, inner ring of 2 over NVLink: each inner step max(1, 0.04 or 0.08) + 0.1 = 1.1 -> 2.2 per outer
+    #   fwd: outer 0 max(2.2, IB K/V 2.5) = 2.5, outer 1 max(2.2, none) = 2.2                -> 4.7
+    #   bwd: outer 0 max(2.2, 2.5) = 2.5, outer 1 max(2.2, IB dK/dV 4.5) = 4.5, + last IB dK/dV hop 4.5 -> 11.5
+    fwd, bwd, tail = sc.hierarchical_steps(shape, h, 4, 1000, 4000)
+    assert fwd == [pytest.approx(2.5), pytest.approx(2.2)]
+    assert bwd == [pytest.approx(2.5), pytest.approx(4.5)] and tail == pytest.approx(4.5)
+    hier = sc.model("ring-hierarchical", shape, h, 4000, 4)
+    assert (hier["fwd"], hier["bwd"]) == (pytest.approx(4.7), pytest.approx(11.5))
+    single = 16.0 + 16.0     # 16e6 pairs on one device: 16 s fwd + 16 s bwd
+    assert flat["efficiency"] == pytest.approx(single / (4 * (8.9 + 25.9)))
+    assert hier["efficiency"] == pytest.approx(single / (4 * (4.7 + 11.5)))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_hierarchical_one_node_is_flat(world, causal):
+    shape = sc.Shape(causal=causal)
+    gpu = sc.Hardware("g", 350e12, 250e12, sc.NVLINK, sc.INFINIBAND, 8, 20e-6)
+    for L in (512, 8192):
+        flat = sc.model("ring-zigzag", shape, gpu, L * world, world)
+        hier = sc.model("ring-hierarchical", shape, gpu, L * world, world)
+        for k in ("fwd", "bwd", "efficiency"):
+            assert hier[k] == pytest.approx(flat[k], rel=1e-12), k
+    counts = sc.hierarchical_pair_counts("zigzag", 1, world, 16, causal)
+    assert (counts[0] == sc.pair_counts("zigzag", world, 16, causal)).all()
+
+
+@pytest.mark.parametrize("nodes,g", [(2, 2), (3, 2), (2, 4)])
+def test_hierarchical_schedule_visits_every_block_once(nodes, g):
+    # every rank meets every K/V block exactly once: per-rank totals and per-(rank, source) work as the flat ring
+    w, L = nodes * g, 8
+    hier = sc.hierarchical_pair_counts("zigzag", nodes, g, L, True).reshape(w, w)
+    flat = sc.pair_counts("zigzag", w, L, True)
+    assert (hier.sum(axis=0) == flat.sum(axis=0)).all()
+    assert sorted(hier[1:].ravel().tolist()) == sorted(flat[1:].ravel().tolist())   # zigzag: all off-diagonal equal
+    assert sc.model("ring-hierarchical", sc.Shape(), hw(), 64 * 12, 12) is None       # 12 % 8 GPUs per node
+    assert sc.model("ring-hierarchical", sc.Shape(), hw(), 64 * 16, 16) is not None
+
+
+def test_hierarchical_beats_flat_across_nodes():
+    shape = sc.Shape()   # Llama-3-8B-like: 32/8 heads, D 128, bf16, causal
+    gpu = sc.Hardware("g", 350e12, 250e12, sc.NVLINK, sc.INFINIBAND, 8, 20e-6)
+    for L in (1024, 2048, 8192, 32768):
+        for nodes in (2, 4, 16, 64):
+            w = 8 * nodes
+            flat = sc.model("ring-zigzag", shape, gpu, L * w, w)
+            hier = sc.model("ring-hierarchical", shape, gpu, L * w, w)
+            assert hier["efficiency"] >= flat["efficiency"] * (1 - 1e-12), (L, nodes)
+            assert hier["memory"] > flat["memory"]                  # the inter-node prefetch buffers
+    # short blocks: the flat ring waits on InfiniBand at every step, the hierarchical ring once per node
+    w = 8 * 16
+    assert sc.model("ring-hierarchical", shape, gpu, 2048 * w, w)["efficiency"] > \
+        1.4 * sc.model("ring-zigzag", shape, gpu, 2048 * w, w)["efficiency"]
+    # a slower inter-node link hurts the flat ring far more than the hierarchical one
+    slow = sc.Hardware("g", 350e12, 250e12, sc.NVLINK, sc.Link("ib", 20e-6, 12.5e9), 8, 20e-6)
+    assert sc.model("ring-hierarchical", shape, slow, 8192 * w, w)["efficiency"] > \
+        1.2 * sc.model("ring-zigzag", shape, slow, 8192 * w, w)["efficiency"]
+
+
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_bytes_equal_comm_volume_formula(world):
     # time == bytes (alpha 0, beta 1 B/s) and free compute: the modelled times are the bytes one rank sends
@@ -137,5 +210,9 @@ def test_smoke_run(tmp_path):
     assert "| ring-zigzag |" in text and "## Validation" in text
     pytest.importorskip("matplotlib")
     assert (tmp_path / "scaling_smoke.png").stat().st_size > 0
+    hier = (tmp_path / "scaling_smoke_hierarchical.md").read_text()
+    assert "MODELLED" in hier and "ASSUMED" in hier and "| 128 | 1024 |" in hier and "32K/GPU hier" in hier
+    assert "| ring-hierarchical |" in text
+    assert (tmp_path / "scaling_smoke_hierarchical.png").stat().st_size > 0
     assert not math.isnan(sc.hidden_block_length(sc.Shape(), sc.Hardware("g", 1e14, 1e14, sc.NVLINK, sc.INFINIBAND),
                                                  sc.NVLINK, True))
