@@ -11,6 +11,12 @@ Backward: the same ring. P = exp(S - lse) is recomputed with the *global* LSE sa
 each block's gradients are exact without any merge. dQ accumulates at home; the float32 dK/dV
 accumulator of each block travels with it on a second ring and arrives home after w hops.
 
+Two variations of the schedule, same results: with a sliding window only the blocks some rank needs
+travel (``ring_plan``: some hops forward, some backward); across nodes the hierarchical ring
+(``_hierarchical_ring``, nodes from ``dist_attn.topology``) circulates blocks inside each node and moves
+them between nodes once per g steps. Packed sequences (``cu_seqlens``) use the same schedule with
+``PackedSegment`` s and the kernel's varlen entry points.
+
     torchrun --nproc_per_node 4 your_script.py   # inside: out = ring_attention(q_local, k_local, v_local)
 """
 
@@ -127,7 +133,7 @@ class _Relay:
     buffers. A ``borrowed`` first block is read, never received into (another relay still sends it)."""
 
     def __init__(self, group, tag, kv, hops, direction, members=None, borrowed=False):
-        self.comm = RingComm(group, tag, members) if hops else None
+        self.comm = RingComm(group, tag, members, _TAG_NAMES[tag]) if hops else None
         self.kv, self.spare, self.hops, self.direction = kv, None, hops, direction
         self.borrowed = kv if borrowed else None
 
@@ -146,7 +152,7 @@ class _GradChain:
     (``direction``) until the last hop, which sends it straight back to the block's owner."""
 
     def __init__(self, group, tag, hops, direction, members=None):
-        self.comm = RingComm(group, tag, members) if hops else None
+        self.comm = RingComm(group, tag, members, _TAG_NAMES[tag]) if hops else None
         self.hops, self.direction, self.incoming = hops, direction, None
 
     def add_and_pass(self, step, dkv):
@@ -238,6 +244,11 @@ def _run_ring(group, kv, nodes, plan, visit, tags):
 # message tags (gloo matches by tag): (flat: relays, chains), (hierarchical: outer, inner, chains)
 _FORWARD_TAGS = ((0, 3), (6, 7))
 _BACKWARD_TAGS = ((1, 4, 2, 5), (8, 9, 10, 11))
+_TAG_NAMES = {0: "forward K/V ring", 3: "forward reverse K/V ring", 6: "forward inter-node K/V ring",
+              7: "forward intra-node K/V ring", 1: "backward K/V ring", 4: "backward reverse K/V ring",
+              2: "backward dK/dV ring", 5: "backward reverse dK/dV ring", 8: "backward inter-node K/V ring",
+              9: "backward intra-node K/V ring", 10: "backward inter-node dK/dV ring",
+              11: "backward intra-node dK/dV ring"}
 
 
 class RingAttnFunc(torch.autograd.Function):
@@ -304,7 +315,7 @@ def _check_peers(q, k, causal, scale, layout, window, group, bounds):
     except RuntimeError as error:  # gloo: timeout or connection closed; NCCL: DistBackendError
         from .comm import RingTimeoutError, backend_message, peer_failure_hint
         raise RingTimeoutError(f"ring_attention: rank {dist.get_rank()}: the all-gather of every rank's metadata "
-                               f"before the ring (check_peers) did not complete; {peer_failure_hint(group)}. "
+                               f"before the ring (check_peers) did not complete. {peer_failure_hint(group)}. "
                                f"Backend: {backend_message(error)}") from error
     table = torch.stack(everyone).cpu()
     differing = [name for i, name in enumerate(_METADATA_FIELDS) if not torch.all(table[:, i] == table[0, i])]

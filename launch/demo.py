@@ -12,6 +12,11 @@ exact attention over the full sequence, computed in float64 chunk by chunk (memo
 O(seqlen^2)) from the same (rounded) inputs. It prints a table of errors, times, throughput, memory and
 ring traffic; ``--json PATH`` writes the same numbers. Exit code: 0 verified, 1 check failed or a rank
 failed, 2 bad configuration (one message from rank 0, before any process group exists).
+
+A rank that fails (raises, dies, or waits longer than ``--timeout`` seconds for a peer) fails the run: the
+others' ring transfers and collectives fail within that timeout, and the run exits with code 1 and one
+line naming the rank that failed first and its error (``--fail-rank R`` injects such a fault). Spawned
+ranks' tracebacks go to a log file the line names; under torchrun each rank prints one line.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -33,7 +40,7 @@ from dist_attn.comm import traffic_meter
 from dist_attn.layouts import LAYOUTS, chunks_per_rank
 from kernels import torch_backend
 from kernels.positions import Positions, mask_band
-from launch.spawn import WorldFailed, run_world
+from launch.spawn import WorldFailed, caused_by_peer, inject_ring_fault, one_line, run_world
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Max abs error allowed. float32: shared/DESIGN.md's bounds (forward, gradients). 16-bit: a fraction of
@@ -72,6 +79,11 @@ class DemoConfig:
     """Also write the report as JSON to this path."""
     corrupt_rank: int = -1
     """Self-test hook: perturb this rank's output before the check (the check must then fail)."""
+    fail_rank: int = -1
+    """Self-test hook: this rank raises in the middle of its first ring forward (the run must fail)."""
+    timeout: float = 1800.0
+    """Process-group timeout in seconds: a rank waiting longer for a peer fails (the first iteration may
+    autotune or compile for minutes)."""
 
     def __post_init__(self):
         for name in ("batch", "seqlen", "heads", "kv_heads", "headdim", "iters"):
@@ -80,6 +92,8 @@ class DemoConfig:
         for name in ("warmup", "world_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
+        if not self.timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds; got {self.timeout}")
         if self.heads % self.kv_heads:
             raise ValueError(f"heads ({self.heads}) must be divisible by kv_heads ({self.kv_heads})")
         if self.headdim > 256:
@@ -95,8 +109,9 @@ class DemoConfig:
         if self.seqlen % multiple:
             raise ValueError(f"seqlen ({self.seqlen}) must be a multiple of {multiple} for layout={self.layout!r} "
                              f"on {world_size} ranks")
-        if self.corrupt_rank >= world_size:
-            raise ValueError(f"corrupt_rank must be < world size ({world_size}); got {self.corrupt_rank}")
+        for name in ("corrupt_rank", "fail_rank"):
+            if getattr(self, name) >= world_size:
+                raise ValueError(f"{name} must be < world size ({world_size}); got {getattr(self, name)}")
 
 
 def parse_args(argv=None) -> DemoConfig:
@@ -149,6 +164,8 @@ def reference(q, k, v, dout, causal, device):
 def run_rank(rank, world_size, cfg: DemoConfig):
     """Runs on every rank (process group initialised); returns the report on rank 0, None elsewhere."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if rank == cfg.fail_rank:
+        inject_ring_fault("forward")
     full = _inputs(cfg)
     q, k, v = (shard(x, cfg.layout, rank, world_size).to(device).requires_grad_() for x in full[:3])
     dout = shard(full[3], cfg.layout, rank, world_size).to(device)
@@ -250,6 +267,13 @@ def _fail(message, rank):
     raise SystemExit(2)
 
 
+def _write_log(error):
+    """Writes a WorldFailed's full message (every failed rank's traceback) to a file; returns its path."""
+    with tempfile.NamedTemporaryFile("w", prefix="launch.demo-", suffix=".log", delete=False) as log:
+        log.write(str(error))
+    return log.name
+
+
 def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
@@ -268,22 +292,26 @@ def main(argv=None) -> int:
     if under_torchrun:
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=cfg.timeout))
         try:
             report = run_rank(rank, world_size, cfg)
             ok = torch.tensor([report["ok"] if rank == 0 else 0], device="cuda" if cuda else "cpu")
             dist.broadcast(ok, src=0)  # every rank exits with the verdict
             passed = bool(ok.item())
+        except Exception as error:  # one line per rank, not a traceback from every rank
+            stopped = "stopped, as a peer failed" if caused_by_peer(error) else "failed"
+            print(f"launch.demo: error: rank {rank} {stopped}: {one_line(error)}", file=sys.stderr)
+            return 1
         finally:
             dist.destroy_process_group()
     else:
         threads = max(1, (os.cpu_count() or 1) // world_size)
         try:
-            # long process-group timeout: the first iteration may autotune or compile for minutes
-            report = run_world(world_size, run_rank, cfg, timeout=3600, pg_timeout_s=1800, threads=threads,
-                               backend="nccl" if cuda else "gloo")[0]
+            report = run_world(world_size, run_rank, cfg, timeout=max(3600.0, 2 * cfg.timeout),
+                               pg_timeout_s=cfg.timeout, threads=threads, backend="nccl" if cuda else "gloo")[0]
         except WorldFailed as error:
-            print(f"launch.demo: a rank failed:\n{error}", file=sys.stderr)
+            print(f"launch.demo: error: {error.summary} (every rank's traceback: {_write_log(error)})",
+                  file=sys.stderr)
             return 1
         passed = report["ok"]
     if rank == 0:

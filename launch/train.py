@@ -35,6 +35,12 @@ replicas have the same number of answer tokens). One collective, and every rank 
 **Checkpoints** (``--save``, written by rank 0; ``--resume``, read by every rank): model, optimizer, step
 and RNG state. Data is a function of the step and the learning rate has no total-step schedule, so a
 resumed run continues as the uninterrupted one would, bit for bit on the same world.
+
+**Faults.** A rank that raises, dies, or waits longer than the process group's timeout (10 minutes,
+``PROCESS_GROUP_TIMEOUT``; the SP groups inherit it) for a peer makes every other rank fail within that
+timeout; under torchrun each rank then prints one line (``launch.train: error: rank R failed: ...``, or
+``stopped, as a peer failed``) and exits with code 1. ``DIST_ATTN_FAIL_RANK=R`` (self-test hook) makes rank
+R raise in the middle of its first ring forward.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ import datetime
 import inspect
 import io
 import os
+import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -57,7 +64,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dist_attn import LAYOUTS, global_positions, shard
+from dist_attn.comm import group_timeout_s
 from launch.model import Transformer
+from launch.spawn import caused_by_peer, inject_ring_fault, one_line
 
 FILLER, IGNORE = 0, -100  # the filler token; the label of tokens that do not count in the loss
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=10)
@@ -214,7 +223,8 @@ def make_mesh(sp) -> Mesh:
     """SP groups of ``sp`` consecutive ranks (every rank takes part in creating all of them)."""
     if not dist.is_initialized():
         return Mesh(None, 0, 0, 1)
-    sp_group, _ = dist.new_subgroups(group_size=sp)
+    timeout = group_timeout_s()  # the default group's (new groups otherwise get the backend's default, 30 min)
+    sp_group, _ = dist.new_subgroups(group_size=sp, timeout=datetime.timedelta(seconds=timeout) if timeout else None)
     rank = dist.get_rank()
     return Mesh(sp_group, rank % sp, rank // sp, dist.get_world_size() // sp)
 
@@ -346,8 +356,16 @@ def main(argv=None) -> TrainResult:
     device = pick_device(cfg.device)
     created = init_distributed(device)
     mesh = make_mesh(cfg.sp)
+    if rank == int(os.environ.get("DIST_ATTN_FAIL_RANK", "-1")):
+        inject_ring_fault("forward")
     try:
         return train(cfg, mesh, device, rank)
+    except Exception as error:
+        if not created:  # the caller's process group (launch.spawn, a test): the caller reports it
+            raise
+        stopped = "stopped, as a peer failed" if caused_by_peer(error) else "failed"
+        print(f"launch.train: error: rank {rank} {stopped}: {one_line(error)}", file=sys.stderr)
+        raise SystemExit(1) from None
     finally:
         if mesh.sp_group is not None:
             dist.destroy_process_group(mesh.sp_group)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -69,3 +71,59 @@ def test_run_sh_launches_the_demo_under_torchrun():
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "verified: outputs and gradients match exact attention" in run.stdout
     assert "ring attention on 2 rank(s)" in run.stdout
+
+
+# ---------------------------------------------------------------------------------------------- faults
+
+FAULT_TIMEOUT_S = 20  # --timeout: the process group's; a failing rank's peers must give up within it
+
+
+def test_a_rank_failing_mid_ring_exits_with_one_line():
+    start = time.monotonic()
+    run = run_demo(*SMALL, "--fail-rank", "1", "--timeout", str(FAULT_TIMEOUT_S))
+    elapsed = time.monotonic() - start
+    assert run.returncode == 1, run.stdout + run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    match = re.fullmatch(r"launch\.demo: error: world of 2: rank 1 failed: RuntimeError: injected fault: kernel "
+                         r"call 2 of the ring forward on rank 1; then rank 0 failed waiting for it \(every rank's "
+                         r"traceback: (\S+\.log)\)", last)
+    assert match, run.stderr
+    assert "Traceback" not in run.stderr and run.stderr.count("launch.demo: error") == 1, run.stderr
+    log = Path(match[1])
+    try:
+        tracebacks = log.read_text()
+        assert "dist_attn.comm.RingTimeoutError: ring_attention: rank 0: " in tracebacks, tracebacks
+        assert f"the process group's timeout is {FAULT_TIMEOUT_S} s" in tracebacks, tracebacks
+    finally:
+        log.unlink()
+    assert elapsed < FAULT_TIMEOUT_S + 60, elapsed  # starting 2 ranks, then at most one timeout
+
+
+def test_a_rank_failing_mid_ring_under_torchrun_prints_one_line_per_rank():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "TRITON_INTERPRET")}
+    env["PYTHONPATH"] = str(ROOT)
+    start = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29533", "-m", "launch.demo", *SMALL[2:], "--fail-rank", "1",
+                          "--timeout", str(FAULT_TIMEOUT_S)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    elapsed = time.monotonic() - start
+    assert run.returncode != 0, run.stdout + run.stderr
+    ours = [line[line.index("launch.demo: error"):] for line in run.stderr.splitlines() if "launch.demo: error" in line]
+    root = "launch.demo: error: rank 1 failed: RuntimeError: injected fault: kernel call 2 of the ring forward on rank 1"
+    assert root in ours and len(ours) <= 2, run.stderr
+    # rank 0 fails at once (its connection to rank 1 closes) but torchrun may SIGTERM it before it prints
+    assert all(line.startswith("launch.demo: error: rank 0 stopped, as a peer failed: ") for line in ours
+               if line != root), run.stderr
+    assert "inject_ring_fault" not in run.stderr and "RingAttnFunc" not in run.stderr  # no traceback of ours
+    assert elapsed < FAULT_TIMEOUT_S + 60, elapsed
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--fail-rank", "2"], "fail_rank must be < world size (2)"),
+    (["--timeout", "0"], "timeout must be > 0 seconds"),
+])
+def test_bad_fault_options_are_one_clear_line(args, message):
+    run = run_demo(*SMALL, *args)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert message in run.stderr and run.stderr.strip().count("\n") == 0, run.stderr

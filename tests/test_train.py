@@ -11,12 +11,19 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from launch import train
-from launch.spawn import run_world
+from launch.spawn import WorldFailed, run_world
+
+ROOT = Path(__file__).resolve().parents[1]
 
 STEPS = 5
 COMMON = ["--log-every", "1000", "--device", "cpu"]  # quiet; CPU also where CUDA is present (gloo)
@@ -161,3 +168,40 @@ def test_sequences_are_associative_recall():
     assert (ids[other] == train.FILLER).all()
     assert torch.equal(ids, train.make_sequence(cfg, step=1, index=0)[0])
     assert not torch.equal(ids, train.make_sequence(cfg, step=1, index=1)[0])
+
+
+# ---------------------------------------------------------------------------------------------- faults
+
+def train_main(rank, world_size, argv):
+    return tuple(train.main(argv + COMMON))
+
+
+def test_a_rank_failing_mid_ring_fails_the_world(monkeypatch):
+    monkeypatch.setenv("DIST_ATTN_FAIL_RANK", "1")  # inherited by the spawned ranks
+    start = time.monotonic()
+    with pytest.raises(WorldFailed) as failure:
+        run_world(2, train_main, ["--sp", "2", "--steps", "2"], timeout=120, pg_timeout_s=20)
+    assert failure.value.summary == ("world of 2: rank 1 failed: RuntimeError: injected fault: kernel call 2 of the "
+                                     "ring forward on rank 1; then rank 0 failed waiting for it"), failure.value
+    assert "RingTimeoutError: ring_attention: rank 0: " in failure.value.failures[0]
+    assert time.monotonic() - start < 20 + 60
+
+
+def test_a_rank_failing_mid_ring_under_torchrun_exits_with_one_line_per_rank():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "TRITON_INTERPRET")}
+    env.update(PYTHONPATH=str(ROOT), DIST_ATTN_FAIL_RANK="1")
+    start = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29534", "-m", "launch.train", "--sp", "2", "--steps", "2", *COMMON],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0, run.stdout + run.stderr
+    ours = [line[line.index("launch.train: error"):] for line in run.stderr.splitlines()
+            if "launch.train: error" in line]
+    root = ("launch.train: error: rank 1 failed: RuntimeError: injected fault: kernel call 2 of the ring forward "
+            "on rank 1")
+    assert root in ours, run.stderr
+    # rank 0 fails at once (its connection to rank 1 closes) but torchrun may SIGTERM it before it prints
+    assert all(line.startswith("launch.train: error: rank 0 stopped, as a peer failed: RingTimeoutError: "
+                               "ring_attention: rank 0: ") for line in ours if line != root), run.stderr
+    assert len(ours) <= 2 and "inject_ring_fault" not in run.stderr, run.stderr  # no traceback of ours
+    assert time.monotonic() - start < train.PROCESS_GROUP_TIMEOUT.total_seconds()
