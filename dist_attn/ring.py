@@ -23,6 +23,7 @@ them between nodes once per g steps. Packed sequences (``cu_seqlens``) use the s
 from __future__ import annotations
 
 import functools
+import os
 import struct
 import zlib
 
@@ -38,7 +39,7 @@ from .comm import RingComm
 from .layouts import (LAYOUTS, PackedSegment, check_layout, check_local_length, packed_local_length,
                       packed_segments, segments)
 from .merge import merge_
-from .topology import check_topology, resolve
+from .topology import ENV_LOCAL_WORLD_SIZE, TOPOLOGIES, check_topology, resolve
 
 
 def _segments(layout, rank, world_size, local_len, bounds):
@@ -297,17 +298,27 @@ class RingAttnFunc(torch.autograd.Function):
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 _METADATA_FIELDS = ("batch", "local seqlen", "nheads", "nheads_kv", "headdim", "dtype", "layout", "causal",
-                    "window left", "window right", "softmax_scale", "cu_seqlens checksum")
+                    "window left", "window right", "softmax_scale", "cu_seqlens checksum", "topology",
+                    ENV_LOCAL_WORLD_SIZE)
 
 
-def _check_peers(q, k, causal, scale, layout, window, group, bounds):
+def _local_size_setting():
+    """DIST_ATTN_LOCAL_WORLD_SIZE as an int for the peers' check: -1 unset, -2 not an int."""
+    value = os.environ.get(ENV_LOCAL_WORLD_SIZE)
+    if value is None:
+        return -1
+    return int(value) if value.strip().isdigit() else -2
+
+
+def _check_peers(q, k, causal, scale, layout, window, group, bounds, topology):
     """One all-gather of every rank's metadata: a mismatch raises the same ValueError on all ranks
     instead of a hang or a silently wrong result."""
     left, right = window if window is not None else (None, None)
     checksum = -1 if bounds is None else zlib.crc32(struct.pack(f"<{len(bounds)}q", *bounds))
     mine = [q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], _DTYPE_CODES[q.dtype], LAYOUTS.index(layout),
             int(causal), -1 if left is None else left, -1 if right is None else right,
-            struct.unpack("<q", struct.pack("<d", scale))[0], checksum]
+            struct.unpack("<q", struct.pack("<d", scale))[0], checksum, TOPOLOGIES.index(topology),
+            _local_size_setting()]
     local = torch.tensor(mine, dtype=torch.int64, device=q.device)
     everyone = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     try:
@@ -322,8 +333,8 @@ def _check_peers(q, k, causal, scale, layout, window, group, bounds):
     if differing:
         rows = {name: table[:, _METADATA_FIELDS.index(name)].tolist() for name in differing}
         raise ValueError(f"ring_attention inputs differ across ranks (values per rank, softmax_scale as raw bits): "
-                         f"{rows}; every rank must pass the same shapes, dtype, layout, causal, window, scale "
-                         f"and cu_seqlens")
+                         f"{rows}; every rank must pass the same shapes, dtype, layout, causal, window, scale, "
+                         f"cu_seqlens and topology, and see the same {ENV_LOCAL_WORLD_SIZE}")
 
 
 def ring_attention(q, k, v, causal=False, softmax_scale=None, layout="zigzag", group=None, window=None, *,
@@ -373,7 +384,7 @@ def ring_attention(q, k, v, causal=False, softmax_scale=None, layout="zigzag", g
     if bounds is None:
         check_local_length(layout, local_len)
     if world_size > 1 and check_peers:
-        _check_peers(q, k, causal, scale, layout, window, group, bounds)
+        _check_peers(q, k, causal, scale, layout, window, group, bounds, topology)
     plan = ring_plan(layout, world_size, local_len, causal, window, bounds)
     nodes = resolve(topology, group, full_ring=plan == (world_size - 1, 0)) if world_size > 1 else None
     out = RingAttnFunc.apply(q, k, v, causal, scale, layout, group, window, backend, bounds, nodes)

@@ -146,3 +146,16 @@ def detect_by_hostname(rank, world_size):
 def test_hostnames_put_one_machine_in_one_node():
     topology, resolved = run_world(3, detect_by_hostname, timeout=120)[0]
     assert topology == Topology(((0, 1, 2),)) and resolved is None  # one node: auto is the flat ring
+
+
+def disagreeing_local_size(rank, world_size):
+    from dist_attn import ring_attention
+
+    os.environ[ENV_LOCAL_WORLD_SIZE] = "2" if rank == 0 else "4"
+    x = torch.randn(1, 8, 2, 8)
+    ring_attention(x, x, x, topology="hierarchical")
+
+
+def test_ranks_that_see_different_nodes_all_raise():
+    with pytest.raises(WorldFailed, match=r"'DIST_ATTN_LOCAL_WORLD_SIZE': \[2, 4, 4, 4\]"):
+        run_world(4, disagreeing_local_size, timeout=120)
