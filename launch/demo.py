@@ -38,6 +38,7 @@ import torch.distributed as dist
 from dist_attn import gather, ring_attention, shard
 from dist_attn.comm import traffic_meter
 from dist_attn.layouts import LAYOUTS, chunks_per_rank
+from dist_attn.topology import TOPOLOGIES
 from kernels import torch_backend
 from kernels.positions import Positions, mask_band
 from launch.spawn import WorldFailed, caused_by_peer, inject_ring_fault, one_line, run_world
@@ -67,6 +68,8 @@ class DemoConfig:
     """Causal mask over global positions."""
     layout: str = "zigzag"
     """contiguous, zigzag or striped (see dist_attn.layouts)."""
+    topology: str = "auto"
+    """auto, flat or hierarchical (see dist_attn.topology; emulate nodes with DIST_ATTN_LOCAL_WORLD_SIZE=g)."""
     iters: int = 5
     """Timed iterations (forward + backward each)."""
     warmup: int = 1
@@ -102,6 +105,8 @@ class DemoConfig:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {self.dtype!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}; got {self.layout!r}")
+        if self.topology not in TOPOLOGIES:
+            raise ValueError(f"topology must be one of {TOPOLOGIES}; got {self.topology!r}")
 
     def check_world(self, world_size):
         """What depends on the number of ranks; called before any process group is created."""
@@ -175,7 +180,8 @@ def run_rank(rank, world_size, cfg: DemoConfig):
         q.grad = k.grad = v.grad = None
         dist.barrier()
         with traffic_meter() as sent:
-            out, fwd_s = _time(lambda: ring_attention(q, k, v, causal=cfg.causal, layout=cfg.layout), device)
+            out, fwd_s = _time(lambda: ring_attention(q, k, v, causal=cfg.causal, layout=cfg.layout,
+                                                          topology=cfg.topology), device)
             forward_messages = len(sent)
             _, bwd_s = _time(lambda: out.backward(dout), device)
         return out, fwd_s, bwd_s, {"forward": sent[:forward_messages], "backward": sent[forward_messages:]}
@@ -238,7 +244,8 @@ def print_report(report):
     cfg = report["config"]
     print(f"\nring attention on {report['world_size']} rank(s) ({report['device']}): batch {cfg['batch']}, "
           f"seqlen {cfg['seqlen']}, heads {cfg['heads']} (kv {cfg['kv_heads']}), headdim {cfg['headdim']}, "
-          f"{cfg['dtype']}, {'causal' if cfg['causal'] else 'non-causal'}, layout {cfg['layout']}")
+          f"{cfg['dtype']}, {'causal' if cfg['causal'] else 'non-causal'}, layout {cfg['layout']}, "
+          f"topology {cfg['topology']}")
     print(f"\n{'':>4}  {'max err':>9}  {'mean err':>9}  {'tolerance':>9}  check")
     for name, c in report["check"].items():
         print(f"{name:>4}  {c['max_err']:9.2e}  {c['mean_err']:9.2e}  {c['tolerance']:9.2e}  "

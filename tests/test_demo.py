@@ -43,6 +43,14 @@ def test_demo_verifies_and_reports(tmp_path, extra):
     assert report["ring_bytes_total"] == {"forward": kv_bytes, "backward": kv_bytes + 2 * (2 * 128 * 2 * 32 * 4)}
 
 
+def test_hierarchical_ring_on_emulated_nodes(monkeypatch):
+    """4 ranks as 2 nodes of 2 (DIST_ATTN_LOCAL_WORLD_SIZE): the double ring verifies like the flat one."""
+    monkeypatch.setenv("DIST_ATTN_LOCAL_WORLD_SIZE", "2")
+    run = run_demo(*SMALL[2:], "--world-size", "4", "--topology", "hierarchical")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "topology hierarchical" in run.stdout and "verified" in run.stdout
+
+
 def test_a_corrupted_rank_fails_the_check():
     run = run_demo(*SMALL, "--corrupt-rank", "1")
     assert run.returncode == 1, run.stdout + run.stderr
@@ -55,6 +63,7 @@ def test_a_corrupted_rank_fails_the_check():
     (["--corrupt-rank", "5"], "corrupt_rank must be < world size (2)"),
     (["--dtype", "float64"], "dtype must be one of"),
     (["--layout", "ring"], "layout must be one of"),
+    (["--topology", "star"], "topology must be one of"),
 ])
 def test_bad_config_is_one_clear_line(args, message):
     run = run_demo(*SMALL, *args)
