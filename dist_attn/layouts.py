@@ -156,8 +156,12 @@ def global_positions(layout, rank, world_size, local_len=None, device=None, *, c
     With ``cu_seqlens`` (packed sequences): the position of each row inside its own sequence, padding
     rows included (they continue their sequence's positions); ``local_len`` is then not needed.
     """
+    check_layout(layout)
+    _check_world(rank, world_size)
     if cu_seqlens is not None:
         return _packed_rows(layout, rank, world_size, _bounds(cu_seqlens))[1].to(device)
+    if isinstance(local_len, bool) or not isinstance(local_len, int) or local_len < 0:
+        raise ValueError(f"local_len must be an int >= 0 (or pass cu_seqlens); got {local_len!r}")
     return torch.cat([seg.offset + seg.stride * torch.arange(seg.length, device=device)
                       for seg in segments(layout, rank, world_size, local_len)])
 
@@ -167,6 +171,16 @@ def _check_world(rank, world_size):
         raise ValueError(f"world_size must be an int >= 1; got {world_size!r}")
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"rank must be an int in [0, {world_size}); got {rank!r}")
+
+
+def _check_dim(dim, x, name):
+    """``dim`` an int in ``[-x.dim(), x.dim())``; returns it non-negative."""
+    if x.dim() == 0:
+        raise ValueError(f"{name} must have a sequence dimension; got a 0-d tensor")
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim must be an int in [{-x.dim()}, {x.dim()}) for {name} of shape {tuple(x.shape)}; "
+                         f"got {dim!r}")
+    return dim % x.dim()
 
 
 def shard(x, layout="zigzag", rank=0, world_size=1, dim=None, *, cu_seqlens=None):
@@ -181,8 +195,7 @@ def shard(x, layout="zigzag", rank=0, world_size=1, dim=None, *, cu_seqlens=None
     _check_world(rank, world_size)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
-    dim = (1 if cu_seqlens is None else 0) if dim is None else dim
-    dim = dim % x.dim()
+    dim = _check_dim((1 if cu_seqlens is None else 0) if dim is None else dim, x, "x")
     if cu_seqlens is not None:
         bounds = _bounds(cu_seqlens)
         if bounds[-1] != x.shape[dim]:
@@ -215,8 +228,9 @@ def gather(x_local, layout="zigzag", group=None, dim=None, *, cu_seqlens=None):
     check_layout(layout)
     if not isinstance(x_local, torch.Tensor):
         raise TypeError(f"x_local must be a torch.Tensor; got {type(x_local).__name__}")
-    dim = (1 if cu_seqlens is None else 0) if dim is None else dim
-    dim = dim % x_local.dim()
+    dim = _check_dim((1 if cu_seqlens is None else 0) if dim is None else dim, x_local, "x_local")
+    if group is not None and not dist.is_initialized():
+        raise ValueError("group was given but torch.distributed is not initialised")
     world_size = dist.get_world_size(group) if dist.is_initialized() else 1
     if cu_seqlens is not None:
         return _gather_packed(x_local, layout, group, dim, world_size, _bounds(cu_seqlens))

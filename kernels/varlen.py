@@ -57,6 +57,9 @@ def _check_spans(name, spans, total, stride):
     """A list of ``(start, length, offset)`` ints, inside ``[0, total)`` and not overlapping."""
     if not isinstance(spans, (list, tuple)):
         raise TypeError(f"{name} must be a list of (start, length, offset) tuples; got {type(spans).__name__}")
+    stride_name = name.replace("_spans", "_stride")
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"{stride_name} must be an int >= 1; got {stride!r}")
     checked = []
     for i, span in enumerate(spans):
         if (not isinstance(span, (list, tuple)) or len(span) != 3
