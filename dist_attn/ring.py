@@ -363,6 +363,8 @@ def ring_attention(q, k, v, causal=False, softmax_scale=None, layout="zigzag", g
     """
     check_layout(layout)
     check_topology(topology)
+    if not isinstance(check_peers, bool):
+        raise TypeError(f"check_peers must be a bool; got {type(check_peers).__name__}")
     _, world_size = _world(group)
     bounds = None
     if cu_seqlens is not None:

@@ -74,6 +74,9 @@ class _HeadsToSeq(torch.autograd.Function):
 def _seq_to_heads(x, group):
     _, u = _degree(group)
     batch, seqlen, nheads, headdim = x.shape
+    if nheads % u:
+        raise ValueError(f"nheads ({nheads}) must be divisible by the Ulysses group size ({u}): each rank gets "
+                         f"nheads / {u} whole heads")
     parts = x.reshape(batch, seqlen, u, nheads // u, headdim).permute(2, 0, 1, 3, 4)  # (u, B, L, H/u, D) by head group
     received = _all_to_all(parts, group)  # (u, B, L, H/u, D) by sequence piece
     return received.permute(1, 0, 2, 3, 4).reshape(batch, u * seqlen, nheads // u, headdim)
@@ -101,8 +104,17 @@ def heads_to_seq(x, group):
     return _HeadsToSeq.apply(x, group)
 
 
+def _check_coordinates(ulysses_rank, ulysses_size, ring_rank, ring_size):
+    for name, rank, size in (("ulysses", ulysses_rank, ulysses_size), ("ring", ring_rank, ring_size)):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"{name}_size must be an int >= 1; got {size!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < size:
+            raise ValueError(f"{name}_rank must be an int in [0, {size}); got {rank!r}")
+
+
 def usp_shard(x, layout, ulysses_rank, ulysses_size, ring_rank, ring_size, dim=1):
     """This rank's tokens of the full sequence ``x`` (pure slicing; see the sharding contract above)."""
+    _check_coordinates(ulysses_rank, ulysses_size, ring_rank, ring_size)
     ring_shard = shard(x, layout=layout, rank=ring_rank, world_size=ring_size, dim=dim)
     if ring_shard.shape[dim] % ulysses_size:
         raise ValueError(f"sequence length ({x.shape[dim]}) must be a multiple of "
@@ -113,12 +125,14 @@ def usp_shard(x, layout, ulysses_rank, ulysses_size, ring_rank, ring_size, dim=1
 
 def usp_positions(layout, ulysses_rank, ulysses_size, ring_rank, ring_size, local_len, device=None):
     """Global position of every local token under ``usp_shard`` (1-D int64): for RoPE and labels."""
+    _check_coordinates(ulysses_rank, ulysses_size, ring_rank, ring_size)
     ring_positions = global_positions(layout, ring_rank, ring_size, local_len * ulysses_size, device=device)
     return ring_positions.chunk(ulysses_size)[ulysses_rank]
 
 
 def usp_gather(x_local, layout, ulysses_group=None, ring_group=None, dim=1):
     """The full sequence from every rank's ``usp_shard`` piece (collective over both groups)."""
+    check_layout(layout)
     _, u = _degree(ulysses_group)
     ring_shard = x_local
     if u > 1:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .validation import check_window
+from .validation import check_causal, check_scale, check_window
 
 
 def visibility_mask(q_positions, k_positions, causal, window):
@@ -45,15 +45,20 @@ def attention_reference(q, k, v, causal=False, softmax_scale=None, window=None,
         raise ValueError(f"k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
     batch, seqlen_q, nheads, headdim = q.shape
     seqlen_k, nheads_kv = k.shape[1], k.shape[2]
-    if nheads % nheads_kv != 0:
-        raise ValueError(f"nheads ({nheads}) must be divisible by nheads_kv ({nheads_kv})")
+    if nheads_kv == 0 or nheads % nheads_kv != 0:
+        raise ValueError(f"nheads ({nheads}) must be divisible by nheads_kv ({nheads_kv}), the number of k/v heads")
     check_window(window)
+    check_causal(causal)
     math_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scale = headdim ** -0.5 if softmax_scale is None else softmax_scale
+    scale = check_scale(softmax_scale, headdim)
     if q_positions is None:
         q_positions = torch.arange(seqlen_q, device=q.device)
     if k_positions is None:
         k_positions = torch.arange(seqlen_k, device=q.device)
+    for name, positions, length in (("q_positions", q_positions, seqlen_q), ("k_positions", k_positions, seqlen_k)):
+        if not isinstance(positions, torch.Tensor) or positions.shape != (length,):
+            raise ValueError(f"{name} must be a 1-D tensor of {length} positions; got "
+                             f"{tuple(positions.shape) if isinstance(positions, torch.Tensor) else positions!r}")
     visible = visibility_mask(q_positions.to(q.device, torch.long), k_positions.to(q.device, torch.long),
                               causal, window)
 

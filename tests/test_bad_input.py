@@ -333,15 +333,12 @@ def test_shard_and_gather_accept_negative_dims():
     assert torch.equal(gather(x, "zigzag", dim=-2), x)
 
 
-@pytest.mark.xfail(strict=True, reason="usp_shard indexes the Ulysses piece without checking ulysses_rank "
-                                        "(IndexError) and divides by ulysses_size (ZeroDivisionError)")
 @pytest.mark.parametrize("args", [(0, 0, 0, 2), (5, 2, 0, 2)], ids=["ulysses_size_0", "ulysses_rank_5"])
 def test_usp_shard_bad_ulysses_coordinates(args):
     with pytest.raises(ValueError, match="ulysses_(rank|size)"):
         usp_shard(X, "zigzag", *args)
 
 
-@pytest.mark.xfail(strict=True, reason="usp_gather with degree-1 groups returns its input without checking layout")
 def test_usp_gather_bad_layout():
     with pytest.raises(ValueError, match="layout must be one of"):
         usp_gather(X, "zz")
@@ -351,8 +348,6 @@ def test_seq_to_heads_without_group_is_identity():
     assert seq_to_heads(Q, None) is Q and heads_to_seq(Q, None) is Q
 
 
-@pytest.mark.xfail(strict=True, reason="attention_reference does not check nheads_kv > 0 (ZeroDivisionError) "
-                                        "nor the length of q_positions (a broadcasting RuntimeError)")
 @pytest.mark.parametrize("kwargs,message", [
     (dict(k=torch.zeros(1, 8, 0, 16)), r"nheads_kv"),
     (dict(q_positions=torch.arange(5)), r"q_positions"),
@@ -443,8 +438,20 @@ def test_gather_bad_dim_world_two():
         assert "dim must be an int in [-3, 3)" in found["gather-dim"], found["gather-dim"]
 
 
-@pytest.mark.xfail(strict=True, reason="seq_to_heads does not check that nheads divides by the group size: "
-                                        "a reshape RuntimeError instead of a message naming nheads")
 def test_seq_to_heads_indivisible_heads_world_two():
     for found in world_findings():
         assert "nheads (3) must be divisible by" in found["seq_to_heads"], found["seq_to_heads"]
+
+
+def test_ring_attention_flags_must_be_bools_and_names():
+    with pytest.raises(TypeError, match=r"check_peers must be a bool; got str"):
+        ring_attention(Q, KV, KV, check_peers="no")
+    with pytest.raises(ValueError, match=r"topology must be one of"):
+        ring_attention(Q, KV, KV, topology="torus")
+
+
+def test_attention_reference_checks_causal_and_scale():
+    with pytest.raises(TypeError, match=r"causal must be a bool"):
+        attention_reference(Q, KV, KV, causal="yes")
+    with pytest.raises(ValueError, match=r"softmax_scale must be a positive finite number"):
+        attention_reference(Q, KV, KV, softmax_scale=-1.0)
