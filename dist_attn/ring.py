@@ -113,6 +113,8 @@ def ring_plan(layout, world_size, local_len, causal, window, bounds=None):
     """
     if world_size == 1:
         return 0, 0
+    if window is None and bounds is None:  # every distance is needed by some rank (the last one, causal)
+        return world_size - 1, 0
     tuple_window = None if window is None else tuple(window)
     needed = [d for d in range(1, world_size)
               if any(visible_pairs(layout, r, (r - d) % world_size, world_size, local_len, causal, tuple_window, bounds)

@@ -15,7 +15,7 @@ from launch.spawn import run_world
 
 FWD_TOL, GRAD_TOL = 2e-5, 1e-4
 LOCAL_LEN = 16  # tokens per rank (two chunks of 8 for zigzag)
-WINDOWS = [(5, 0), (16, 0), (40, 0), (5, 5), (16, 16), (40, 3), (0, None)]  # smaller, equal, larger than a block
+WINDOWS = [(5, 0), (16, 0), (40, 0), (5, 5), (16, 16), (40, 3), (0, 5), (0, None)]  # smaller, equal, larger than a block
 
 
 def cases(world_size):
