@@ -22,6 +22,7 @@ anything, and the padding is at most w - 1 (2w - 1) tokens per sequence. The loc
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -100,8 +101,10 @@ def padded_seqlens(bounds, layout, world_size):
     return [-(-(end - start) // multiple) * multiple for start, end in zip(bounds, bounds[1:])]
 
 
+@functools.lru_cache(maxsize=1024)
 def packed_segments(layout, rank, world_size, bounds):
-    """The ``PackedSegment`` s of ``rank`` for packed sequences with cumulative lengths ``bounds``."""
+    """The ``PackedSegment`` s of ``rank`` for packed sequences with cumulative lengths ``bounds`` (a
+    tuple; cached, since every ring step asks again)."""
     check_layout(layout)
     lengths = [end - start for start, end in zip(bounds, bounds[1:])]
     padded = padded_seqlens(bounds, layout, world_size)
@@ -115,16 +118,16 @@ def packed_segments(layout, rank, world_size, bounds):
         for length, full in zip(lengths, padded):
             piece = full // (world_size * len(chunks))
             if layout == "striped":  # positions rank + j * w below length
-                offset, valid = rank, max(0, -(-(length - rank) // world_size))
+                offset, valid = rank, min(max(0, -(-(length - rank) // world_size)), piece)
             else:
                 offset = chunk * piece
                 valid = min(max(length - offset, 0), piece)
-            spans.append((row, min(valid, piece), offset))
+            spans.append((row, valid, offset))
             slots.append(piece)
             row += piece
         result.append(PackedSegment(start, row, world_size if layout == "striped" else 1, tuple(spans), tuple(slots)))
         start += row
-    return result
+    return tuple(result)
 
 
 def packed_local_length(bounds, layout, world_size):
@@ -135,7 +138,7 @@ def packed_local_length(bounds, layout, world_size):
 def _packed_rows(layout, rank, world_size, bounds):
     """(row of the global packed tensor or -1 for padding, position in its sequence) of every local row."""
     rows, positions = [], []
-    for seg in packed_segments(layout, rank, world_size, bounds):
+    for seg in packed_segments(layout, rank, world_size, tuple(bounds)):
         for seq_start, (_, valid, offset), slot in zip(bounds, seg.spans, seg.slots):
             pos = offset + seg.stride * torch.arange(slot)
             rows.append(torch.where(torch.arange(slot) < valid, seq_start + pos, -1))

@@ -60,7 +60,7 @@ def _visible(q_seg, k_seg, causal, window):
 
 def visible_pairs(layout, rank, source, world_size, local_len, causal, window, bounds=None):
     """(query segment of ``rank``, key segment of ``source``) pairs with at least one visible pair of
-    positions: the kernel calls of one ring step. ``bounds``: cu_seqlens as a list, for packed input."""
+    positions: the kernel calls of one ring step. ``bounds``: cu_seqlens as a tuple, for packed input."""
     return [(q_seg, k_seg)
             for q_seg in _segments(layout, rank, world_size, local_len, bounds)
             for k_seg in _segments(layout, source, world_size, local_len, bounds)

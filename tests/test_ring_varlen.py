@@ -138,7 +138,7 @@ def causal_work(layout, world_size, bounds):
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_zigzag_balances_causal_work_of_packed_batches(world_size):
     """Per-rank causal work max/mean <= 1.05 for zigzag and striped; contiguous is far off (the control)."""
-    bounds = cu((1000, 77, 1501, 3001, 5)).tolist()
+    bounds = tuple(cu((1000, 77, 1501, 3001, 5)).tolist())
     balance = {}
     for layout in LAYOUTS:
         work = causal_work(layout, world_size, bounds)
@@ -150,7 +150,7 @@ def test_zigzag_balances_causal_work_of_packed_batches(world_size):
 
 def test_packed_segments_spans():
     """Hand-worked: lengths 5 and 3 on 2 ranks, zigzag -> padded to 8 and 4, chunks of 2 and 1."""
-    bounds = [0, 5, 8]
+    bounds = (0, 5, 8)
     first, second = packed_segments("zigzag", 0, 2, bounds)
     assert (first.start, first.length, first.spans, first.slots) == (0, 3, ((0, 2, 0), (2, 1, 0)), (2, 1))
     # chunk 3 of 4: sequence 0 positions 6, 7 (padding: 5 is the last real one), sequence 1 position 3 (padding)
