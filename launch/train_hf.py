@@ -6,6 +6,7 @@ every rank of the world holds its ``--layout`` shard of every sequence (one sequ
     python -m launch.train_hf --steps 5                          # one process
     torchrun --nproc_per_node 2 -m launch.train_hf --steps 5     # the sequence over 2 ranks
     torchrun --nproc_per_node 4 -m launch.train_hf --model qwen2 --seqlen 256 --layout striped
+    torchrun --nproc_per_node 2 -m launch.train_hf --packed      # documents of random lengths in one row
 
 Data: every sequence repeats a random block of ``--period`` tokens, so the loss falls once the model
 copies from one period back (an induction head; the copy source is often on another rank). Each rank
@@ -13,6 +14,11 @@ gets ``shard_inputs``' local ids, global positions and globally shifted labels; 
 of the global mean loss; ``all_reduce_gradients`` sums the gradients over the group (the single-process
 gradients), and the printed loss is ``reduce_loss`` (the global mean). The same seed gives the same
 losses for any world size, up to float rounding.
+
+``--packed``: every step packs documents of random lengths (each its own repeated block) back to back
+into one row of ``--batch * --seqlen`` tokens, with the global cumulative lengths ``cu_seqlens``, as
+``DataCollatorWithFlattening`` does; ``shard_inputs(..., cu_seqlens=cu_seqlens)`` shards every document
+(no length needs to divide anything) and the model attends within documents only.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ def parse_args(argv=None):
     parser.add_argument("--seqlen", type=int, default=64, help="tokens per sequence (a multiple of 2 * world for zigzag)")
     parser.add_argument("--batch", type=int, default=2, help="sequences per step")
     parser.add_argument("--period", type=int, default=8, help="length of the repeated block")
+    parser.add_argument("--packed", action="store_true",
+                        help="pack documents of random lengths into one row of batch * seqlen tokens (cu_seqlens)")
     parser.add_argument("--vocab", type=int, default=97)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -59,6 +67,20 @@ def make_batch(step, args):
     gen = torch.Generator().manual_seed(args.seed * 100003 + step)
     block = torch.randint(0, args.vocab, (args.batch, args.period), generator=gen)
     return block.repeat(1, -(-args.seqlen // args.period))[:, :args.seqlen]
+
+
+def make_packed_batch(step, args):
+    """(1, batch * seqlen) ids of documents with random lengths in [period + 1, 2 * seqlen), each a random block
+    of ``period`` tokens repeated, and their int32 ``cu_seqlens``; the same on every rank."""
+    gen = torch.Generator().manual_seed(args.seed * 100003 + step)
+    total, docs, lengths = args.batch * args.seqlen, [], []
+    while sum(lengths) < total:
+        length = min(int(torch.randint(args.period + 1, 2 * args.seqlen, (1,), generator=gen)), total - sum(lengths))
+        block = torch.randint(0, args.vocab, (args.period,), generator=gen)
+        docs.append(block.repeat(-(-length // args.period))[:length])
+        lengths.append(length)
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return torch.cat(docs)[None], cu_seqlens
 
 
 def main(argv=None) -> list[float]:
@@ -88,8 +110,13 @@ def train(args) -> list[float]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     losses = []
     for step in range(args.steps):
-        ids = make_batch(step, args).to(device)
-        batch = hf.shard_inputs(ids, labels=ids, layout=args.layout)  # ValueError on a bad --seqlen
+        if args.packed:
+            ids, cu_seqlens = make_packed_batch(step, args)
+            ids = ids.to(device)
+            batch = hf.shard_inputs(ids, labels=ids, layout=args.layout, cu_seqlens=cu_seqlens)
+        else:
+            ids = make_batch(step, args).to(device)
+            batch = hf.shard_inputs(ids, labels=ids, layout=args.layout)  # ValueError on a bad --seqlen
         out = model(**batch, use_cache=False)
         out.loss.backward()
         hf.all_reduce_gradients(model)

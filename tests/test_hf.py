@@ -7,7 +7,12 @@ from ``shard_inputs``) gives the gathered logits, the loss (HF's own loss throug
 ``num_items_in_batch``, and ``causal_lm_loss``) and, after ``all_reduce_gradients``, the parameter gradients
 of the one-process model with ``attn_implementation="eager"`` on the full sequence. Bad inputs raise
 ValueError with a clear message; ``launch.train_hf`` gives the same losses on 2 and 4 ranks as in one process.
-One world per size runs every case (a rank start costs seconds).
+
+Packed sequences (``shard_inputs(..., cu_seqlens=...)``): documents of lengths 5, 17, 1 and 26 in one row
+(no length divides anything; the 1-token document has no target) give, zigzag and striped, the gathered
+logits, the loss (sum of every document's CE over the valid targets of the whole batch) and the summed
+gradients of the one-process eager model run on each document separately; ``launch.train_hf --packed``
+gives the one-process losses too. One world per size runs every case (a rank start costs seconds).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ SEQLEN, BATCH, VOCAB, WINDOW = 48, 2, 97, 10
 LAYOUTS = ("zigzag", "contiguous", "striped")
 MODELS = ("llama", "qwen2_sliding")
 TRAIN_ARGV = ["--steps", "2", "--device", "cpu", "--seqlen", "32"]
+DOC_LENS = (5, 17, 1, 26)  # packed documents
 
 
 def make_config(kind):
@@ -98,6 +104,58 @@ def run_case(rank, kind, layout):
     }
 
 
+def make_packed_data(kind):
+    """One packed row of DOC_LENS documents: ids, labels (some -100, one at a document border), cu_seqlens."""
+    gen = torch.Generator().manual_seed(7 + len(kind))
+    cu_seqlens = torch.tensor([0, *torch.tensor(DOC_LENS).cumsum(0).tolist()], dtype=torch.int32)
+    ids = torch.randint(0, VOCAB, (1, int(cu_seqlens[-1])), generator=gen)
+    labels = ids.clone()
+    labels[0, 3:4] = -100
+    labels[0, 21:25] = -100  # the last token of document 1 is 21; document 2 is the single token 22
+    return ids, labels, cu_seqlens
+
+
+def run_packed_case(rank, kind, layout):
+    """Packed SP forward/backward; rank 0 compares with the one-process eager model on every document alone."""
+    from dist_attn.integrations import hf
+
+    name = hf.register(layout=layout)
+    ref, sp = make_models(kind, name)
+    ids, labels, cu_seqlens = make_packed_data(kind)
+    position_ids = torch.cat([torch.arange(n) for n in DOC_LENS])[None]  # DataCollatorWithFlattening's
+    batch = hf.shard_inputs(ids, labels=labels, position_ids=position_ids, layout=layout, cu_seqlens=cu_seqlens)
+    out = sp(**batch, use_cache=False)
+    out.loss.backward()
+    hf.all_reduce_gradients(sp)
+    logits = hf.gather_logits(out.logits.detach(), layout=layout, cu_seqlens=cu_seqlens)
+    loss = hf.reduce_loss(out.loss)
+    own_loss = hf.reduce_loss(hf.causal_lm_loss(out.logits, batch["shift_labels"]))
+    grads = {n: p.grad for n, p in sp.named_parameters()}
+    if rank != 0:
+        return None
+    bounds = cu_seqlens.tolist()
+    ref_logits, ce_sum = [], 0.0
+    for start, end in zip(bounds, bounds[1:]):
+        doc_logits = ref(input_ids=ids[:, start:end], use_cache=False).logits
+        ref_logits.append(doc_logits.detach())
+        targets = labels[0, start + 1:end]
+        ce_sum = ce_sum + torch.nn.functional.cross_entropy(doc_logits[0, :-1], targets, ignore_index=-100,
+                                                            reduction="sum")
+    valid = sum(int((labels[0, start + 1:end] != -100).sum()) for start, end in zip(bounds, bounds[1:]))
+    ref_loss = ce_sum / valid
+    ref_loss.backward()
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    return {
+        "logits": rel_error(logits, torch.cat(ref_logits, dim=1)),
+        "loss": rel_error(loss, ref_loss.detach()),
+        "own_loss": rel_error(own_loss, ref_loss.detach()),
+        "grads": max(rel_error(grads[n], ref_grads[n]) for n in ref_grads),
+        "missing_grads": sorted(n for n, g in grads.items() if g is None),
+        "num_items": int(batch["num_items_in_batch"]) == valid,
+        "local_rows": batch["input_ids"].shape[1],
+    }
+
+
 def error_of(call):
     try:
         call()
@@ -128,6 +186,25 @@ def run_bad_inputs(rank, world_size):
         "local_positions": error_of(lambda: sp(input_ids=batch["input_ids"], use_cache=False)),  # HF's arange
         "other_layout": error_of(lambda: sp(**hf.shard_inputs(ids, layout="striped"), use_cache=False)),
         "layout": error_of(lambda: hf.register(layout="diagonal")),
+        **run_bad_packed_inputs(sp),
+    }
+
+
+def run_bad_packed_inputs(sp):
+    from dist_attn.integrations import hf
+
+    ids, labels, cu_seqlens = make_packed_data("llama")
+    batch = hf.shard_inputs(ids, labels=labels, cu_seqlens=cu_seqlens)
+    no_cu = {k: v for k, v in batch.items() if k != hf.CU_SEQLENS_KWARG}
+    local_cu = torch.tensor([0, batch["input_ids"].shape[1]], dtype=torch.int32)
+    flash_kwargs = dict(cu_seq_lens_q=local_cu, cu_seq_lens_k=local_cu, max_length_q=8, max_length_k=8)
+    return {
+        "hf_varlen": error_of(lambda: sp(**batch, **flash_kwargs, use_cache=False)),
+        "packed_no_cu": error_of(lambda: sp(**no_cu, use_cache=False)),
+        "packed_batch": error_of(lambda: hf.shard_inputs(ids.expand(2, -1), cu_seqlens=cu_seqlens)),
+        "packed_total": error_of(lambda: hf.shard_inputs(ids[:, :-1], cu_seqlens=cu_seqlens)),
+        "packed_positions": error_of(lambda: hf.shard_inputs(ids, position_ids=torch.arange(ids.shape[1])[None],
+                                                             cu_seqlens=cu_seqlens)),
     }
 
 
@@ -135,10 +212,13 @@ def run_everything(rank, world_size, cases):
     from dist_attn.integrations import hf
 
     results = {"cases": {f"{kind}-{layout}": run_case(rank, kind, layout) for kind, layout in cases}}
+    results["packed"] = {f"{kind}-{layout}": run_packed_case(rank, kind, layout)
+                         for kind, layout in packed_cases(world_size)}
     results["bad"] = run_bad_inputs(rank, world_size)
     hf.register()  # back to the defaults for the example (idempotent)
     results["registered"] = hf.registered()["layout"]
     results["train"] = train_hf.main(TRAIN_ARGV)
+    results["train_packed"] = train_hf.main(TRAIN_ARGV + ["--packed"])
     return results
 
 
@@ -146,6 +226,12 @@ def world_cases(world_size):
     if world_size == 2:
         return [(kind, layout) for kind in MODELS for layout in LAYOUTS]
     return [("llama", "zigzag"), ("qwen2_sliding", "zigzag"), ("llama", "striped")]
+
+
+def packed_cases(world_size):
+    if world_size == 2:
+        return [("llama", "zigzag"), ("qwen2_sliding", "zigzag"), ("llama", "striped")]
+    return [("llama", "zigzag"), ("qwen2_sliding", "zigzag")]
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
@@ -158,7 +244,7 @@ def single_train():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return train_hf.main(TRAIN_ARGV)
+        return train_hf.main(TRAIN_ARGV), train_hf.main(TRAIN_ARGV + ["--packed"])
     finally:
         torch.set_num_threads(threads)
 
@@ -171,6 +257,19 @@ def test_sp_model_matches_one_process_eager(world):
         print(f"world {world_size} {case}: " + ", ".join(f"{k} {v:.1e}" for k, v in err.items()
                                                          if isinstance(v, float)))
         assert err["missing_grads"] == [] and err["ranks_agree"], (case, err)
+        assert max(err["logits"], err["loss"], err["own_loss"], err["grads"]) <= TOL, (case, err)
+
+
+def test_packed_sp_model_matches_one_process_per_document(world):
+    world_size, results = world
+    errors = results[0]["packed"]
+    assert set(errors) == {f"{k}-{layout}" for k, layout in packed_cases(world_size)}
+    for case, err in errors.items():
+        print(f"world {world_size} packed {case}: " + ", ".join(f"{k} {v:.1e}" for k, v in err.items()
+                                                                if isinstance(v, float)))
+        assert err["missing_grads"] == [] and err["num_items"], (case, err)
+        multiple = world_size * (2 if case.endswith("zigzag") else 1)
+        assert err["local_rows"] * world_size == sum(-(-n // multiple) * multiple for n in DOC_LENS), (case, err)
         assert max(err["logits"], err["loss"], err["own_loss"], err["grads"]) <= TOL, (case, err)
 
 
@@ -187,13 +286,21 @@ def test_bad_inputs_raise_clear_errors(world):
         assert "position_ids must be the global positions" in bad["other_layout"], bad
         assert "layout" in bad["layout"], bad
         assert result["registered"] == "zigzag"
+        assert "cu_seq_lens_q" in bad["hf_varlen"] and "shard_inputs(input_ids, ..., cu_seqlens=" in bad["hf_varlen"], bad
+        assert "position_ids must be the global positions" in bad["packed_no_cu"], bad
+        assert "dist_attn_cu_seqlens" in bad["packed_no_cu"], bad
+        assert "one packed row" in bad["packed_batch"] and "one packed row" in bad["packed_total"], bad
+        assert "restart at 0" in bad["packed_positions"], bad
 
 
 def test_train_example_sequence_parallel_matches_one_process(world, single_train):
     world_size, results = world
-    assert len(single_train) == 2 and all(loss == loss for loss in single_train)
+    dense, packed = single_train
+    for losses in (dense, packed):
+        assert len(losses) == 2 and all(loss == loss for loss in losses)
     for result in results:
-        assert result["train"] == pytest.approx(single_train, rel=1e-5, abs=0)
+        assert result["train"] == pytest.approx(dense, rel=1e-5, abs=0)
+        assert result["train_packed"] == pytest.approx(packed, rel=1e-5, abs=0)
 
 
 def test_train_example_help():

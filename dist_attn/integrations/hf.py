@@ -17,16 +17,33 @@ each rank holding its ``layout`` shard of the sequence::
     print(hf.reduce_loss(out.loss, group=None))                      # the global mean loss (for logging)
     logits = hf.gather_logits(out.logits, layout="zigzag", group=None)  # (B, T, vocab), every rank
 
+**Packed sequences.** Documents packed back to back into one row (``DataCollatorWithFlattening`` style:
+``input_ids`` (1, total), ``position_ids`` restarting at 0 per document) run sequence-parallel with the
+*global* cumulative lengths ``cu_seqlens`` (int32, ``(docs + 1,)``, the same on every rank)::
+
+    batch = hf.shard_inputs(input_ids, labels=input_ids, layout="zigzag", cu_seqlens=cu_seqlens)
+    out = model(**batch, use_cache=False)
+    logits = hf.gather_logits(out.logits, layout="zigzag", cu_seqlens=cu_seqlens)  # (1, total, vocab)
+
+``shard_inputs`` shards every document by ``dist_attn.shard(..., cu_seqlens=...)`` (each one padded at its
+end to a multiple of w, 2w for zigzag: no length needs to divide anything), returns the per-document
+positions of the local rows as ``position_ids``, shifts the labels *within* each document (a document's
+last token has no target; padding rows get -100) and adds ``dist_attn_cu_seqlens`` to the batch: a keyword
+the model forwards untouched through ``**kwargs`` to every attention call (``TransformersKwargs``), where
+it selects ``ring_attention(..., cu_seqlens=...)``. No token attends to another document. HF's own
+flash-attention kwargs ``cu_seq_lens_q`` ... (the unsharded packing of one process) are refused.
+
 **Configuration.** ``register(name, layout, group, backend)`` binds the layout and process group to the
 name; calling it again with the same name rebinds them (idempotent for the same arguments). Different
 names can carry different groups. Importing this module does not import transformers; ``register``
 does (the ``hf`` extra).
 
 **Inputs.** Every rank passes its ``dist_attn.shard`` of ``input_ids`` and, as ``position_ids``, the
-*global* positions of its tokens (RoPE must rotate by global position); ``shard_inputs`` returns both.
-The attention function checks, at the first layer, that ``position_ids`` are exactly those global
-positions: a model called without them (HF would use ``arange(local_len)``) or with another layout fails
-instead of computing something silently wrong.
+*global* positions of its tokens (RoPE must rotate by global position; for packed documents, the
+positions inside each document); ``shard_inputs`` returns both. The attention function checks, at the
+first layer, that ``position_ids`` are exactly those positions: a model called without them (HF would use
+``arange(local_len)``), with another layout's or with packed positions but no ``dist_attn_cu_seqlens``
+fails instead of computing something silently wrong.
 
 **Labels and loss.** HF's causal-LM loss shifts ``labels`` by one inside the model, which is wrong on a
 shard (the target of a rank's last token lives on another rank). ``shard_inputs`` shifts the labels of
@@ -44,9 +61,9 @@ through rank r's tokens. The single-process gradient is their SUM over the seque
 all dp * sp ranks, which *average*), multiply the loss by the SP degree, or reduce SUM over SP and MEAN
 over the replicas yourself.
 
-**Not supported** (each raises ValueError): padding attention masks (any masked-out token; pack sequences
-instead and call ``dist_attn.ring_attention(..., cu_seqlens=...)``, which this adapter does not wire up yet), packed-sequence kwargs (``cu_seq_lens_q`` ...),
-attention dropout > 0 in training, a KV cache holding earlier tokens (generation), ``softcap`` and
+**Not supported** (each raises ValueError): padding attention masks (any masked-out token; pack the
+sequences instead: ``shard_inputs(..., cu_seqlens=...)``), HF's flash-attention packing kwargs
+(``cu_seq_lens_q``, ``cu_seq_lens_k``, ``max_length_q``, ``max_length_k``: use ``cu_seqlens`` above), attention dropout > 0 in training, a KV cache holding earlier tokens (generation), ``softcap`` and
 attention sinks. Sliding-window layers (``sliding_window=W`` from Mistral/Qwen2 configs: a query sees
 itself and the W-1 tokens before it) run as ``window=(W - 1, 0)``.
 """
@@ -62,11 +79,17 @@ from dist_attn.ring import _world, ring_attention
 DEFAULT_NAME = "dist_attn_ring"
 IGNORE_INDEX = -100
 _CONFIGS: dict[str, dict] = {}  # name -> {"layout", "group", "backend"}
-_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias", "cu_seq_lens_q", "cu_seq_lens_k",
-                       "max_length_q", "max_length_k")
+CU_SEQLENS_KWARG = "dist_attn_cu_seqlens"  # the model kwarg carrying the GLOBAL packing to the attention calls
+_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
+_HF_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 PADDING_ERROR = ("dist_attn ring attention does not support padding attention masks (got a mask with masked-out "
-                 "tokens); pass attention_mask=None, or pack variable-length sequences and use "
-                 "dist_attn.ring_attention(..., cu_seqlens=...)")
+                 "tokens); pass attention_mask=None, or pack the variable-length sequences into one row and use "
+                 "dist_attn.integrations.hf.shard_inputs(..., cu_seqlens=...)")
+HF_VARLEN_ERROR = ("dist_attn ring attention does not take transformers' flash-attention packing kwargs {given} (they "
+                   "describe the unsharded packing of one process); for packed sequences pass the GLOBAL cumulative "
+                   "lengths to dist_attn.integrations.hf.shard_inputs(input_ids, ..., cu_seqlens=cu_seqlens) and call "
+                   "the model with its dict (it carries them as " + CU_SEQLENS_KWARG + "), without cu_seq_lens_q/"
+                   "cu_seq_lens_k/max_length_q/max_length_k")
 
 
 def register(name: str = DEFAULT_NAME, layout: str = "zigzag", group=None, backend=None) -> str:
@@ -110,14 +133,21 @@ def _no_mask(attention_mask):
     return None
 
 
-def _check_positions(position_ids, layout, rank, world_size, local_len):
-    expected = global_positions(layout, rank, world_size, local_len, device=position_ids.device)
+def _check_positions(position_ids, layout, rank, world_size, local_len, cu_seqlens=None):
+    if cu_seqlens is None:
+        expected = global_positions(layout, rank, world_size, local_len, device=position_ids.device)
+        what = "global positions"
+    else:
+        expected = global_positions(layout, rank, world_size, device=position_ids.device, cu_seqlens=cu_seqlens)
+        what = "positions inside their packed sequences"
     if position_ids.shape[-1] != local_len or not bool((position_ids == expected).all()):
         shown = position_ids.reshape(-1, position_ids.shape[-1])[0, :8].tolist()
+        hint = ("" if cu_seqlens is not None else "; for packed sequences pass cu_seqlens to shard_inputs and the "
+                f"model its whole dict (with {CU_SEQLENS_KWARG})")
         raise ValueError(
-            f"position_ids must be the global positions of this rank's tokens (layout={layout!r}, rank {rank} of "
+            f"position_ids must be the {what} of this rank's tokens (layout={layout!r}, rank {rank} of "
             f"{world_size}: {expected[:8].tolist()}...); got {shown}...: pass position_ids from "
-            f"dist_attn.integrations.hf.shard_inputs (RoPE needs global positions)")
+            f"dist_attn.integrations.hf.shard_inputs (RoPE needs global positions){hint}")
 
 
 def _ring_attention_forward(name, module, query, key, value, attention_mask, scaling, dropout, **kwargs):
@@ -133,10 +163,17 @@ def _ring_attention_forward(name, module, query, key, value, attention_mask, sca
     if dropout:
         raise ValueError(f"dist_attn ring attention does not support attention dropout (got dropout={dropout} in "
                          f"training mode); set the config's attention_dropout to 0")
+    given = [k for k in _HF_VARLEN_KWARGS if kwargs.get(k) is not None]
+    if given:
+        raise ValueError(HF_VARLEN_ERROR.format(given=given))
     given = [k for k in _UNSUPPORTED_KWARGS if kwargs.get(k) is not None]
     if given:
-        raise ValueError(f"dist_attn ring attention does not support {given} (packed-sequence kwargs, softcap and "
-                         f"attention sinks are not implemented)")
+        raise ValueError(f"dist_attn ring attention does not support {given} (softcap and attention sinks are not "
+                         f"implemented)")
+    cu_seqlens = kwargs.get(CU_SEQLENS_KWARG)
+    if cu_seqlens is not None and query.shape[0] != 1:
+        raise ValueError(f"packed sequences ({CU_SEQLENS_KWARG}) need a batch of one packed row; got batch "
+                         f"{query.shape[0]}")
     if key.shape[2] != query.shape[2]:
         raise ValueError(f"dist_attn ring attention needs as many keys as queries (got {key.shape[2]} keys for "
                          f"{query.shape[2]} queries: a KV cache?); call the model with use_cache=False "
@@ -145,15 +182,18 @@ def _ring_attention_forward(name, module, query, key, value, attention_mask, sca
     rank, world_size = _world(group)
     position_ids = kwargs.get("position_ids")
     if position_ids is not None and getattr(module, "layer_idx", 0) == 0:  # once per forward
-        _check_positions(position_ids, layout, rank, world_size, query.shape[2])
+        _check_positions(position_ids, layout, rank, world_size, query.shape[2], cu_seqlens)
     sliding_window = kwargs.get("sliding_window")
     window = None if sliding_window is None else (int(sliding_window) - 1, 0)  # HF: kv_idx > q_idx - W
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
-    q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, S, H, D)
+    if cu_seqlens is not None:  # (1, H, S, D) -> packed (S, H, D)
+        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
+    else:
+        q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, S, H, D)
     out = ring_attention(q, k, v, causal=bool(causal), softmax_scale=scaling, layout=layout, group=group,
-                         window=window if causal else None, backend=config["backend"])
-    return out, None
+                         window=window if causal else None, cu_seqlens=cu_seqlens, backend=config["backend"])
+    return (out if cu_seqlens is None else out[None]), None
 
 
 def _check_seqlen(name, x, layout, world_size):
@@ -172,7 +212,7 @@ def shift_labels(labels, ignore_index=IGNORE_INDEX):
 
 
 def shard_inputs(input_ids, labels=None, position_ids=None, layout="zigzag", group=None,
-                 ignore_index=IGNORE_INDEX) -> dict:
+                 ignore_index=IGNORE_INDEX, cu_seqlens=None) -> dict:
     """This rank's part of a batch of full sequences, ready for ``model(**batch)``.
 
     input_ids, labels: (batch, seqlen) full sequences (identical on every rank of ``group``); seqlen a multiple of
@@ -181,9 +221,19 @@ def shard_inputs(input_ids, labels=None, position_ids=None, layout="zigzag", gro
     and, with labels, {"labels", "shift_labels", "num_items_in_batch"}: the labels shifted over the full
     sequence and then sharded (passed as both ``labels``, which makes HF compute a loss, and ``shift_labels``,
     which makes it skip its own shift) and the number of valid targets in the whole batch. Pure slicing.
+
+    Packed sequences: ``cu_seqlens``, the GLOBAL cumulative lengths (int32, ``(docs + 1,)``, the same on every
+    rank), and input_ids/labels/position_ids of shape (1, total) holding the documents back to back (any
+    lengths). Each document is sharded by ``dist_attn.shard(..., cu_seqlens=...)`` (padded at its end to a
+    multiple of w, 2w for zigzag); ``position_ids`` (if given, they must restart at 0 at every document) become
+    the positions of the local rows inside their documents; labels are shifted within each document (its last
+    token gets ``ignore_index``) and padding rows get ``ignore_index``. The dict also carries
+    ``dist_attn_cu_seqlens`` (``cu_seqlens`` on the CPU), which the model forwards to the attention calls.
     """
     rank, world_size = _world(group)
     check_layout(layout)
+    if cu_seqlens is not None:
+        return _shard_packed(input_ids, labels, position_ids, layout, rank, world_size, ignore_index, cu_seqlens)
     _check_seqlen("input_ids", input_ids, layout, world_size)
     seqlen = input_ids.shape[1]
     local = lambda x: shard(x, layout, rank, world_size, dim=1)  # noqa: E731
@@ -202,6 +252,44 @@ def shard_inputs(input_ids, labels=None, position_ids=None, layout="zigzag", gro
         out["labels"] = out["shift_labels"] = local(shifted)
         out["num_items_in_batch"] = (shifted != ignore_index).sum()
     return out
+
+
+def _shard_packed(input_ids, labels, position_ids, layout, rank, world_size, ignore_index, cu_seqlens):
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor of dtype int32; got {type(cu_seqlens).__name__}")
+    cu_seqlens = cu_seqlens.cpu()
+    bounds = _packed_bounds(cu_seqlens)
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] != bounds[-1]:
+        raise ValueError(f"input_ids must be one packed row (1, cu_seqlens[-1]) = (1, {bounds[-1]}) with cu_seqlens; "
+                         f"got shape {tuple(input_ids.shape)}")
+    local = lambda x: shard(x, layout, rank, world_size, dim=1, cu_seqlens=cu_seqlens)  # noqa: E731
+    out = {"input_ids": local(input_ids)}
+    if position_ids is not None:
+        expected = torch.cat([torch.arange(b - a) for a, b in zip(bounds, bounds[1:])]).to(position_ids.device)
+        if position_ids.shape != input_ids.shape or not bool((position_ids[0] == expected).all()):
+            raise ValueError(f"position_ids of packed sequences must be (1, {bounds[-1]}) and restart at 0 at every "
+                             f"sequence of cu_seqlens (or be None); got shape {tuple(position_ids.shape)}, "
+                             f"{position_ids.reshape(-1)[:8].tolist()}...")
+    out["position_ids"] = global_positions(layout, rank, world_size, device=input_ids.device,
+                                           cu_seqlens=cu_seqlens)[None]
+    if labels is not None:
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}; got {tuple(labels.shape)}")
+        shifted = shift_labels(labels, ignore_index)
+        ends = torch.tensor([b - 1 for a, b in zip(bounds, bounds[1:]) if b > a], dtype=torch.long)
+        shifted[:, ends.to(shifted.device)] = ignore_index  # no target across a document boundary
+        valid = local(torch.ones_like(shifted, dtype=torch.bool))  # False on padding rows
+        local_labels = torch.where(valid, local(shifted), torch.full_like(valid, ignore_index, dtype=shifted.dtype))
+        out["labels"] = out["shift_labels"] = local_labels
+        out["num_items_in_batch"] = (shifted != ignore_index).sum()
+    out[CU_SEQLENS_KWARG] = cu_seqlens
+    return out
+
+
+def _packed_bounds(cu_seqlens):
+    from kernels.varlen import check_cu_seqlens
+
+    return check_cu_seqlens("cu_seqlens", cu_seqlens, None)
 
 
 def causal_lm_loss(local_logits, local_shift_labels, num_items_in_batch=None, group=None, ignore_index=IGNORE_INDEX):
@@ -247,7 +335,8 @@ def all_reduce_gradients(model, group=None):
             offset += g.numel()
 
 
-def gather_logits(local_logits, layout="zigzag", group=None):
+def gather_logits(local_logits, layout="zigzag", group=None, cu_seqlens=None):
     """The logits of the full sequence, (batch, seqlen, vocab), on every rank (``dist_attn.gather`` along dim 1;
-    a collective, not differentiable)."""
-    return gather(local_logits, layout, group, dim=1)
+    a collective, not differentiable). With ``cu_seqlens`` (packed sequences, as given to ``shard_inputs``):
+    (1, total, vocab), the padding rows dropped."""
+    return gather(local_logits, layout, group, dim=1, cu_seqlens=cu_seqlens)
