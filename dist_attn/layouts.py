@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from kernels.positions import Positions
+from kernels.varlen import check_cu_seqlens  # kernels owns the cu_seqlens rules
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
 
@@ -148,8 +149,6 @@ def _packed_rows(layout, rank, world_size, bounds):
 
 
 def _bounds(cu_seqlens):
-    from kernels.varlen import check_cu_seqlens  # kernels owns the cu_seqlens rules
-
     return check_cu_seqlens("cu_seqlens", cu_seqlens, None)
 
 

@@ -256,7 +256,7 @@ _TAG_NAMES = {0: "forward K/V ring", 3: "forward reverse K/V ring", 6: "forward 
 
 class RingAttnFunc(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, layout, group, window, backend, bounds, nodes):
+    def forward(ctx, q, k, v, causal, scale, layout, group, window, backend, bounds, plan, nodes):
         rank, world_size = _world(group)
         local_len = q.shape[1]
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -268,17 +268,16 @@ class RingAttnFunc(torch.autograd.Function):
                 merge_(out[:, q_seg.rows], lse[:, :, q_seg.rows], block_out, block_lse)
 
         # one message per step: (2, batch, seqlen, nheads_kv, headdim)
-        plan = ring_plan(layout, world_size, local_len, causal, window, bounds)
         _run_ring(group, torch.stack((k, v)), nodes, plan, visit, _FORWARD_TAGS)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (causal, scale, layout, group, window, backend, bounds, nodes)
+        ctx.args = (causal, scale, layout, group, window, backend, bounds, plan, nodes)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        causal, scale, layout, group, window, backend, bounds, nodes = ctx.args
+        causal, scale, layout, group, window, backend, bounds, plan, nodes = ctx.args
         rank, world_size = _world(group)
         local_len = q.shape[1]
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -293,9 +292,8 @@ class RingAttnFunc(torch.autograd.Function):
                 dkv[1][:, k_seg.rows] += dv_part
             return dkv
 
-        plan = ring_plan(layout, world_size, local_len, causal, window, bounds)
         dkv = _run_ring(group, torch.stack((k, v)), nodes, plan, visit, _BACKWARD_TAGS)
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None, None, None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None, None, None, None, None
 
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
@@ -391,5 +389,5 @@ def ring_attention(q, k, v, causal=False, softmax_scale=None, layout="zigzag", g
         _check_peers(q, k, causal, scale, layout, window, group, bounds, topology)
     plan = ring_plan(layout, world_size, local_len, causal, window, bounds)
     nodes = resolve(topology, group, full_ring=plan == (world_size - 1, 0)) if world_size > 1 else None
-    out = RingAttnFunc.apply(q, k, v, causal, scale, layout, group, window, backend, bounds, nodes)
+    out = RingAttnFunc.apply(q, k, v, causal, scale, layout, group, window, backend, bounds, plan, nodes)
     return out if bounds is None else out[0]
