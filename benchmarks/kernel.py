@@ -11,7 +11,8 @@ and turns it into TFLOP/s with the flash-attn convention (matmul FLOPs only, nhe
 Providers: ours (`flash_attn_func`: backend "triton" on CUDA, the chunked "torch" path on CPU; Triton
 on CPU only with --cpu-triton and TRITON_INTERPRET=1, very slow), torch SDPA with each backend forced
 (flash, cudnn, efficient, math; layout (batch, heads, seq, dim)) and compiled FlexAttention (CUDA
-only). A provider that cannot run a case is reported "n/a" with its reason, one out of memory "oom".
+only); ``--providers`` keeps only the named ones (default: all). A provider that cannot run a case is
+reported "n/a" with its reason, one out of memory "oom".
 Timing: `warmup` untimed calls, then `reps` timed ones (CUDA events on CUDA, perf_counter on CPU);
 the median is reported. Writes <out-dir>/kernel_<tag>.md and, with matplotlib, kernel_<tag>.png.
 
@@ -58,6 +59,7 @@ class BenchConfig:
     out_dir: str = str(RESULTS_DIR)
     tag: str | None = None         # files are kernel_<tag>.md/.png; None: slug of the device name
     cpu_triton: bool = False       # also time our Triton kernels on CPU (needs TRITON_INTERPRET=1)
+    providers: list[str] | None = None  # only these providers (names of PROVIDER_NAMES); None: all
 
     def __post_init__(self):
         def need(ok, name, msg):
@@ -80,6 +82,8 @@ class BenchConfig:
              "seqlens", "must be a non-empty list of ints >= 1")
         need(self.causal and all(isinstance(c, bool) for c in self.causal), "causal", "must be bools")
         need(self.modes and set(self.modes) <= set(MODES), "modes", f"must be a subset of {MODES}")
+        need(self.providers is None or (self.providers and set(self.providers) <= set(PROVIDER_NAMES)),
+             "providers", f"must be a non-empty subset of {PROVIDER_NAMES}")
         if self.tag is None:
             name = "cpu" if self.device == "cpu" else torch.cuda.get_device_name(self.device)
             self.tag = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
@@ -102,6 +106,7 @@ def parse_args(argv) -> BenchConfig:
     p.add_argument("--out-dir", default=str(RESULTS_DIR))
     p.add_argument("--tag", help="result files are kernel_<tag>.md/.png (default: from the device name)")
     p.add_argument("--cpu-triton", action="store_true", help="also our Triton kernels on CPU (TRITON_INTERPRET=1)")
+    p.add_argument("--providers", nargs="+", help="only these (default: all): " + " ".join(PROVIDER_NAMES))
     args = vars(p.parse_args(argv))
     args["causal"] = [c == "true" for c in args["causal"]]
     try:
@@ -150,14 +155,19 @@ def _flex(q, k, v, causal):
     return lambda: flex(q, k, v, block_mask=mask, enable_gqa=gqa)
 
 
+_SDPA_BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+PROVIDER_NAMES = ("ours-triton", "ours-torch", *(f"sdpa-{b.split('_')[0].lower()}" for b in _SDPA_BACKENDS), "flex")
+
+
 def providers(cfg):
-    """name -> provider; names starting with "ours" are compared against all the others."""
+    """name -> provider (only those of ``cfg.providers`` when given); names starting with "ours" are
+    compared against all the others."""
     ours = {"ours-triton": _ours("triton")} if cfg.device != "cpu" else {"ours-torch": _ours("torch")}
     if cfg.device == "cpu" and cfg.cpu_triton:
         ours["ours-triton"] = _ours("triton")
-    sdpa = {f"sdpa-{b.split('_')[0].lower()}": _sdpa(b)
-            for b in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")}
-    return {**ours, **sdpa, "flex": _flex}
+    sdpa = {f"sdpa-{b.split('_')[0].lower()}": _sdpa(b) for b in _SDPA_BACKENDS}
+    every = {**ours, **sdpa, "flex": _flex}
+    return every if cfg.providers is None else {name: make for name, make in every.items() if name in cfg.providers}
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -219,6 +229,8 @@ def run(cfg):
     """(headdim, causal, seqlen, provider) -> measure(...) for every case."""
     device, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
     provs = providers(cfg)
+    if not provs:
+        raise ValueError(f"providers: none of {cfg.providers} runs on device {cfg.device!r}")
     shapes = [(d, c, s) for d in cfg.headdims for c in cfg.causal for s in cfg.seqlens]
     results, inputs = {}, {}
     for shape, name in progress([(shape, name) for shape in shapes for name in provs], "kernel benchmark"):

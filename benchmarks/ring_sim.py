@@ -6,15 +6,16 @@ kernel calls of that step are exactly those of ``RingAttnFunc``: one per pair of
 mask removes entirely are skipped), with the same slices, offsets and strides:
 
     flash_attn_forward(q[:, qs.rows], k[:, ks.rows], v[:, ks.rows], scale, causal,
-                       qs.offset, ks.offset, qs.stride, ks.stride, None, out_dtype=torch.float32)
+                       qs.offset, ks.offset, qs.stride, ks.stride, None, accumulate=(acc_out, acc_lse))
     flash_attn_backward(dout[:, qs.rows], q[:, qs.rows], k[:, ks.rows], v[:, ks.rows], out[:, qs.rows],
-                        lse[:, :, qs.rows], scale, causal, qs.offset, ks.offset, qs.stride, ks.stride, None)
+                        lse[:, :, qs.rows], scale, causal, qs.offset, ks.offset, qs.stride, ks.stride, None,
+                        accumulate=(dq, dk, dv))
 
 where q/k/v/dout are the ranks' shards (``dist_attn.shard``) of one random full sequence, and out/lse of
 the backward are the shards of one full-sequence forward (the global LSE, as the ring saves it). The
-partial outputs are merged with ``merge_`` and the gradients accumulated as the ring does, and the result
-is checked against the full-sequence kernel (column "max abs diff"), so the simulation is the real
-computation. Only kernel calls are timed (not merges, accumulation or communication): each call runs
+partial outputs are merged and the gradients accumulated by the kernels (``accumulate=``) as the ring does,
+and the result is checked against the full-sequence kernel (column "max abs diff"), so the simulation is the
+real computation. Only kernel calls are timed (with their fused merge, not communication): each call runs
 ``--reps`` times (after ``--warmup`` untimed runs) and its median counts; CUDA events with synchronisation
 on GPU, ``time.perf_counter`` on CPU.
 
@@ -49,7 +50,6 @@ import torch
 
 from benchmarks.common import RESULTS_DIR, machine_name, md_row, progress, versions, write_result
 from dist_attn.layouts import LAYOUTS, chunks_per_rank, global_positions, shard
-from dist_attn.merge import merge_
 from dist_attn.ring import visible_pairs
 from kernels import flash_attn_backward, flash_attn_forward
 from kernels.positions import mask_band
@@ -182,16 +182,27 @@ def full_count(seqlen, causal):
 # ------------------------------------------------------------------------------------------ simulating
 
 class _Timer:
-    """Median kernel time in ms of ``fn()`` over ``reps`` runs after ``warmup``; returns (ms, last result)."""
+    """Median kernel time in ms of ``fn()`` over ``reps`` runs after ``warmup``; returns (ms, last result).
+    ``accumulators``: tensors ``fn`` adds into (the ring's fused merge), restored before every run so that
+    the last run leaves them as one call would."""
 
     def __init__(self, device, reps, warmup):
         self.cuda, self.reps, self.warmup = device.type == "cuda", reps, warmup
 
-    def __call__(self, fn):
+    def __call__(self, fn, accumulators=()):
+        saved = [t.clone() for t in accumulators] if self.warmup + self.reps > 1 else None
+
+        def restore():
+            for tensor, copy in zip(accumulators, saved or ()):
+                tensor.copy_(copy)
+
         for _ in range(self.warmup):
             fn()
+            restore()
         times = []
-        for _ in range(self.reps):
+        for i in range(self.reps):
+            if i:
+                restore()
             if self.cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 torch.cuda.synchronize()
@@ -257,20 +268,18 @@ def simulate(q, k, v, dout, causal, layout, world, softmax_scale=None, backend=N
                 rows, cols = q_seg.rows, k_seg.rows
                 calls += 1
                 pairs[rank][step] += visible_count(q_seg, k_seg, causal)
-                ms, (block_out, block_lse) = timer(lambda: flash_attn_forward(
+                acc = (out[:, rows], lse[:, :, rows])
+                ms, _ = timer(lambda: flash_attn_forward(
                     q_r[:, rows], k_s[:, cols], v_s[:, cols], scale, causal, q_seg.offset, k_seg.offset,
-                    q_seg.stride, k_seg.stride, None, backend=backend, out_dtype=torch.float32))
+                    q_seg.stride, k_seg.stride, None, backend=backend, accumulate=acc), acc)
                 fwd_ms[rank][step] += ms
-                merge_(out[:, rows], lse[:, :, rows], block_out, block_lse)
                 if backward:
-                    ms, (dq_part, dk_part, dv_part) = timer(lambda: flash_attn_backward(
+                    acc = (dq[:, rows], dks[source][:, cols], dvs[source][:, cols])
+                    ms, _ = timer(lambda: flash_attn_backward(
                         ds[rank][:, rows], q_r[:, rows], k_s[:, cols], v_s[:, cols], os_[rank][:, rows],
                         lses[rank][:, :, rows], scale, causal, q_seg.offset, k_seg.offset, q_seg.stride,
-                        k_seg.stride, None, backend=backend))
+                        k_seg.stride, None, backend=backend, accumulate=acc), acc)
                     bwd_ms[rank][step] += ms
-                    dq[:, rows] += dq_part
-                    dks[source][:, cols] += dk_part
-                    dvs[source][:, cols] += dv_part
         outs.append(out)
         dqs.append(dq)
     glob = (lambda parts: _place(parts, layout, world, 1))

@@ -5,7 +5,8 @@ ring-flash-attention). Each rank keeps its queries. For w steps, K and V (one pa
 one rank around the ring; at step s rank r holds the block of rank (r - s) mod w, starts sending it on
 (``RingComm``) and, meanwhile, runs the local kernel for every (query segment, key segment) pair of
 global positions that the mask leaves visible: pairs the causal mask or window removes entirely are
-skipped without a kernel launch. Partial results merge in float32 (``merge_``) and are cast once.
+skipped without a kernel launch. Partial results merge in float32 inside the kernel's epilogue
+(``accumulate=``, the ``kernels.merge`` rule) and are cast once.
 
 Backward: the same ring. P = exp(S - lse) is recomputed with the *global* LSE saved by the forward, so
 each block's gradients are exact without any merge. dQ accumulates at home; the float32 dK/dV
@@ -38,7 +39,6 @@ from kernels.varlen import check_cu_seqlens, check_packed, packed_pairs
 from .comm import RingComm
 from .layouts import (LAYOUTS, PackedSegment, check_layout, check_local_length, packed_local_length,
                       packed_segments, segments)
-from .merge import merge_
 from .topology import ENV_LOCAL_WORLD_SIZE, TOPOLOGIES, check_topology, resolve
 
 
@@ -67,29 +67,32 @@ def visible_pairs(layout, rank, source, world_size, local_len, causal, window, b
             if _visible(q_seg, k_seg, causal, window)]
 
 
-def _block_forward(q, kv, q_seg, k_seg, scale, causal, window, backend):
-    """float32 output and LSE of q's rows ``q_seg`` against kv's rows ``k_seg`` (tensors batch-first;
-    packed input is a batch of one)."""
+def _block_forward(q, kv, q_seg, k_seg, scale, causal, window, backend, out, lse):
+    """Merges the attention of q's rows ``q_seg`` against kv's rows ``k_seg`` into the float32
+    accumulators ``out``, ``lse`` (tensors batch-first; packed input is a batch of one)."""
     k, v = kv[0][:, k_seg.rows], kv[1][:, k_seg.rows]
+    rows = q_seg.rows
     if isinstance(q_seg, PackedSegment):
-        out, lse = flash_attn_varlen_forward(q[0, q_seg.rows], k[0], v[0], scale, causal, q_seg.spans, k_seg.spans,
-                                             q_seg.stride, k_seg.stride, window, backend=backend,
-                                             out_dtype=torch.float32)
-        return out[None], lse[None]
-    return flash_attn_forward(q[:, q_seg.rows], k, v, scale, causal, q_seg.offset, k_seg.offset, q_seg.stride,
-                              k_seg.stride, window, backend=backend, out_dtype=torch.float32)
+        flash_attn_varlen_forward(q[0, rows], k[0], v[0], scale, causal, q_seg.spans, k_seg.spans, q_seg.stride,
+                                  k_seg.stride, window, backend=backend, accumulate=(out[0, rows], lse[0, :, rows]))
+        return
+    flash_attn_forward(q[:, rows], k, v, scale, causal, q_seg.offset, k_seg.offset, q_seg.stride, k_seg.stride,
+                       window, backend=backend, accumulate=(out[:, rows], lse[:, :, rows]))
 
 
-def _block_backward(dout, q, kv, out, lse, q_seg, k_seg, scale, causal, window, backend):
-    """float32 dq, dk, dv of one (query segment, key segment) pair, batch-first."""
-    rows, k, v = q_seg.rows, kv[0][:, k_seg.rows], kv[1][:, k_seg.rows]
+def _block_backward(dout, q, kv, out, lse, q_seg, k_seg, scale, causal, window, backend, dq, dkv):
+    """Adds the float32 dq, dk, dv of one (query segment, key segment) pair into ``dq`` and ``dkv``
+    (batch-first)."""
+    rows, cols = q_seg.rows, k_seg.rows
+    k, v = kv[0][:, cols], kv[1][:, cols]
     if isinstance(q_seg, PackedSegment):
-        grads = flash_attn_varlen_backward(dout[0, rows], q[0, rows], k[0], v[0], out[0, rows], lse[0, :, rows],
-                                           scale, causal, q_seg.spans, k_seg.spans, q_seg.stride, k_seg.stride,
-                                           window, backend=backend)
-        return tuple(g[None] for g in grads)
-    return flash_attn_backward(dout[:, rows], q[:, rows], k, v, out[:, rows], lse[:, :, rows], scale, causal,
-                               q_seg.offset, k_seg.offset, q_seg.stride, k_seg.stride, window, backend=backend)
+        flash_attn_varlen_backward(dout[0, rows], q[0, rows], k[0], v[0], out[0, rows], lse[0, :, rows], scale,
+                                   causal, q_seg.spans, k_seg.spans, q_seg.stride, k_seg.stride, window,
+                                   backend=backend, accumulate=(dq[0, rows], dkv[0][0, cols], dkv[1][0, cols]))
+        return
+    flash_attn_backward(dout[:, rows], q[:, rows], k, v, out[:, rows], lse[:, :, rows], scale, causal,
+                        q_seg.offset, k_seg.offset, q_seg.stride, k_seg.stride, window, backend=backend,
+                        accumulate=(dq[:, rows], dkv[0][:, cols], dkv[1][:, cols]))
 
 
 def _world(group):
@@ -264,8 +267,7 @@ class RingAttnFunc(torch.autograd.Function):
 
         def visit(kv, source):
             for q_seg, k_seg in visible_pairs(layout, rank, source, world_size, local_len, causal, window, bounds):
-                block_out, block_lse = _block_forward(q, kv, q_seg, k_seg, scale, causal, window, backend)
-                merge_(out[:, q_seg.rows], lse[:, :, q_seg.rows], block_out, block_lse)
+                _block_forward(q, kv, q_seg, k_seg, scale, causal, window, backend, out, lse)
 
         # one message per step: (2, batch, seqlen, nheads_kv, headdim)
         _run_ring(group, torch.stack((k, v)), nodes, plan, visit, _FORWARD_TAGS)
@@ -285,11 +287,7 @@ class RingAttnFunc(torch.autograd.Function):
         def visit(kv, source):
             dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
             for q_seg, k_seg in visible_pairs(layout, rank, source, world_size, local_len, causal, window, bounds):
-                dq_part, dk_part, dv_part = _block_backward(dout, q, kv, out, lse, q_seg, k_seg, scale, causal,
-                                                            window, backend)
-                dq[:, q_seg.rows] += dq_part
-                dkv[0][:, k_seg.rows] += dk_part
-                dkv[1][:, k_seg.rows] += dv_part
+                _block_backward(dout, q, kv, out, lse, q_seg, k_seg, scale, causal, window, backend, dq, dkv)
             return dkv
 
         dkv = _run_ring(group, torch.stack((k, v)), nodes, plan, visit, _BACKWARD_TAGS)

@@ -22,8 +22,8 @@ import torch
 
 from . import torch_backend
 from .positions import Positions, mask_band
-from .validation import (check_backend, check_causal, check_like, check_positions, check_qkv, check_scale,
-                         check_window)
+from .validation import (check_accumulate, check_backend, check_causal, check_like, check_positions, check_qkv,
+                         check_scale, check_window)
 
 
 def _backend_module(name, device):
@@ -53,7 +53,7 @@ def _prepare(q, k, v, softmax_scale, causal, q_offset, k_offset, q_stride, k_str
 
 
 def flash_attn_forward(q, k, v, softmax_scale, causal, q_offset=0, k_offset=0, q_stride=1, k_stride=1,
-                       window=None, *, backend=None, out_dtype=None):
+                       window=None, *, backend=None, out_dtype=None, accumulate=None):
     """Attention of one query block against one key/value block at explicit global positions.
 
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_kv, headdim).
@@ -61,35 +61,49 @@ def flash_attn_forward(q, k, v, softmax_scale, causal, q_offset=0, k_offset=0, q
     Returns ``out`` (batch, seqlen_q, nheads, headdim) in ``out_dtype`` (default q.dtype; the ring asks
     for float32 so it can merge steps without rounding) and ``lse`` (batch, nheads, seqlen_q), float32,
     natural log. Rows that see no key: out 0, lse -inf.
+
+    ``accumulate=(out, lse)``: float32 accumulators of earlier key blocks (out like q, lse
+    (batch, nheads, seqlen_q); a row no block reached yet holds 0 and -inf). This block is merged into
+    them in place with the online-softmax rule (``kernels.merge``) and they are returned; the Triton
+    kernel does it in its epilogue, without a separate pass over them. ``out_dtype`` is then ignored.
     """
     (batch, seqlen_q, seqlen_k, nheads, _, _), scale, qpos, kpos, band, module = _prepare(
         q, k, v, softmax_scale, causal, q_offset, k_offset, q_stride, k_stride, window, backend)
+    accumulate = check_accumulate(accumulate, ("out", "lse"), q, (q.shape, (batch, nheads, seqlen_q)))
     out_dtype = q.dtype if out_dtype is None else out_dtype
+    if accumulate is not None and (seqlen_q == 0 or seqlen_k == 0):
+        return accumulate
     if seqlen_q == 0 or seqlen_k == 0:
         out = torch.zeros(q.shape, dtype=out_dtype, device=q.device)
         return out, torch.full((batch, nheads, seqlen_q), float("-inf"), device=q.device)
-    out, lse = module.forward(q, k, v, scale, qpos, kpos, *band, out_dtype)
-    return out, lse.float()
+    out, lse = module.forward(q, k, v, scale, qpos, kpos, *band, out_dtype, accumulate)
+    return (out, lse) if accumulate is not None else (out, lse.float())
 
 
 def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal, q_offset=0, k_offset=0, q_stride=1,
-                        k_stride=1, window=None, *, backend=None):
+                        k_stride=1, window=None, *, backend=None, accumulate=None):
     """Gradients of attention given the output and the LSE it was normalised with.
 
     ``lse`` is used as given, not recomputed: in a ring it is the global LSE over all KV blocks, so
     the gradients of this block are exact without any merge. Returns ``dq, dk, dv`` in float32 (for
-    accumulation across ring steps), with the shapes of q, k, v.
+    accumulation across ring steps), with the shapes of q, k, v. ``accumulate=(dq, dk, dv)``: float32
+    tensors shaped like q, k, v to add this block's gradients into, in place (the Triton kernels add
+    in their epilogue); they are returned.
     """
     (batch, seqlen_q, seqlen_k, nheads, _, _), scale, qpos, kpos, band, module = _prepare(
         q, k, v, softmax_scale, causal, q_offset, k_offset, q_stride, k_stride, window, backend)
     check_like("dout", dout, q, q.shape)
     check_like("out", out, q, q.shape)
     check_like("lse", lse, q, (batch, nheads, seqlen_q), torch.float32)
+    accumulate = check_accumulate(accumulate, ("dq", "dk", "dv"), q, (q.shape, k.shape, v.shape))
     if seqlen_q == 0 or seqlen_k == 0:
+        if accumulate is not None:
+            return accumulate
         return (torch.zeros(q.shape, dtype=torch.float32, device=q.device),
                 torch.zeros(k.shape, dtype=torch.float32, device=q.device),
                 torch.zeros(v.shape, dtype=torch.float32, device=q.device))
-    return tuple(grad.float() for grad in module.backward(dout, q, k, v, out, lse, scale, qpos, kpos, *band))
+    grads = module.backward(dout, q, k, v, out, lse, scale, qpos, kpos, *band, accumulate)
+    return grads if accumulate is not None else tuple(grad.float() for grad in grads)
 
 
 class FlashAttnFunc(torch.autograd.Function):

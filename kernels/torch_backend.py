@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .merge import merge_
 from .positions import Positions, fully_visible, visible_range
 
 CHUNK = 256
@@ -48,9 +49,14 @@ def _tiles(qpos: Positions, kpos: Positions, below, above):
             yield slice(q_start, q_end), slice(k_start, k_end), mask
 
 
-def forward(q, k, v, scale, qpos: Positions, kpos: Positions, below, above, out_dtype):
+def forward(q, k, v, scale, qpos: Positions, kpos: Positions, below, above, out_dtype, accumulate=None):
     """Returns out (B, Lq, H, D) in ``out_dtype`` and lse (B, H, Lq) in the math dtype: float32, or
-    float64 for float64 inputs (which only internal callers pass: the demo's chunked reference)."""
+    float64 for float64 inputs (which only internal callers pass: the demo's chunked reference).
+    ``accumulate``: float32 (out, lse) to merge the result into (``merge_``) and return."""
+    if accumulate is not None:
+        block_out, block_lse = forward(q, k, v, scale, qpos, kpos, below, above, torch.float32)
+        merge_(*accumulate, block_out, block_lse)
+        return accumulate
     math = _math_dtype(q.dtype)
     nheads_kv = k.shape[2]
     qg = _grouped(q, nheads_kv).to(math)                      # (B, Hkv, G, Lq, D)
@@ -78,8 +84,13 @@ def forward(q, k, v, scale, qpos: Positions, kpos: Positions, below, above, out_
     return _ungrouped(out).to(out_dtype), lse.reshape(batch, nheads, seqlen_q)
 
 
-def backward(dout, q, k, v, out, lse, scale, qpos: Positions, kpos: Positions, below, above):
-    """dq, dk, dv in the math dtype, recomputing P = exp(S - lse) tile by tile."""
+def backward(dout, q, k, v, out, lse, scale, qpos: Positions, kpos: Positions, below, above, accumulate=None):
+    """dq, dk, dv in the math dtype, recomputing P = exp(S - lse) tile by tile; with ``accumulate``
+    (float32 dq, dk, dv) added into those and returned."""
+    if accumulate is not None:
+        for total, grad in zip(accumulate, backward(dout, q, k, v, out, lse, scale, qpos, kpos, below, above)):
+            total += grad
+        return accumulate
     math = _math_dtype(q.dtype)
     batch, seqlen_q, nheads, headdim = q.shape
     nheads_kv = k.shape[2]
@@ -108,19 +119,23 @@ def backward(dout, q, k, v, out, lse, scale, qpos: Positions, kpos: Positions, b
     return _ungrouped(dq), _ungrouped(dk), _ungrouped(dv)
 
 
-def forward_varlen(q, k, v, scale, pairs, out, lse):
+def forward_varlen(q, k, v, scale, pairs, out, lse, accumulate=False):
     """Packed sequences (``PackedPair`` s), one after the other; writes into ``out`` (total_q, H, D)
-    and ``lse`` (H, total_q)."""
+    and ``lse`` (H, total_q), or with ``accumulate`` merges into the float32 values there."""
     for pair in pairs:
         rows, cols = pair.q_rows, pair.k_rows
         part_out, part_lse = forward(q[None, rows], k[None, cols], v[None, cols], scale, pair.q, pair.k,
-                                     pair.below, pair.above, out.dtype)
-        out[rows] = part_out[0]
-        lse[:, rows] = part_lse[0]
+                                     pair.below, pair.above, torch.float32 if accumulate else out.dtype)
+        if accumulate:
+            merge_(out[None, rows], lse[None, :, rows], part_out, part_lse)
+        else:
+            out[rows] = part_out[0]
+            lse[:, rows] = part_lse[0]
 
 
-def backward_varlen(dout, q, k, v, out, lse, scale, pairs, dq, dk, dv):
-    """Adds each packed sequence's gradients into dq, dk, dv (total, H, D), float32."""
+def backward_varlen(dout, q, k, v, out, lse, scale, pairs, dq, dk, dv, accumulate=False):
+    """Adds each packed sequence's gradients into dq, dk, dv (total, H, D), float32 (the sequences' rows
+    do not overlap, so adding is also writing: ``accumulate`` changes nothing here)."""
     for pair in pairs:
         rows, cols = pair.q_rows, pair.k_rows
         grads = backward(dout[None, rows], q[None, rows], k[None, cols], v[None, cols], out[None, rows],

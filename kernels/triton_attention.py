@@ -28,6 +28,7 @@ Run the tests under the interpreter on CPU:  TRITON_INTERPRET=1 pytest tests/tes
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 
@@ -46,27 +47,44 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on
 # The float32 ("ieee") path is the accurate one, not the fast one: its FMA-based dots compile slowly
 # (tens of seconds per config at headdim 256), so it gets one small tile instead of a search.
 _IEEE_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)
+# Warp specialisation (``tl.range(..., warp_specialize=True)``: producer warps issue the TMA loads,
+# consumer warps the wgmma and softmax): Triton >= 3.4. DIST_ATTN_WS=0 leaves it out of the search.
+WARP_SPECIALIZE = ("warp_specialize" in inspect.signature(tl.range.__init__).parameters
+                   and os.environ.get("DIST_ATTN_WS", "1") != "0")
+# FULL (every tile visible and complete, one loop) needs seqlen_k to be a multiple of every BLOCK_N
+FULL_TILE = 128
 
 
-def _configs(tile_shapes):
-    """Autotune space for 16-bit inputs: (BLOCK_M, BLOCK_N) x warps x pipeline stages."""
+def _configs(kept, warp_specialized=None):
+    """Autotune space for 16-bit inputs: the kept (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen by
+    ``python -m benchmarks.kernel_static --space candidates`` (bf16, head dim 128, sm_90a): tensor-core
+    (wgmma) code, no spills in the main loops, no serialised wgmma. ``warp_specialized``: configs of the
+    forward's single-loop variant for fully visible calls (``FULL``), with its loop warp-specialised."""
     if INTERPRET:  # one config (no timing runs); 32-wide so that test-sized inputs cross tile boundaries
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-            for bm, bn in tile_shapes for warps in (4, 8) for stages in (2, 3)]
+    ws = {} if warp_specialized is None else {"WS": False}
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **ws}, num_warps=warps, num_stages=stages)
+               for bm, bn, warps, stages in kept]
+    if WARP_SPECIALIZE and warp_specialized:
+        configs += [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WS": True}, num_warps=warps, num_stages=stages)
+                    for bm, bn, warps, stages in warp_specialized]
+    return configs
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """float32 gets _IEEE_CONFIG; headdim 256 gets tiles of at most 64 rows (shared memory)."""
+    """float32 gets _IEEE_CONFIG; headdim 256 gets tiles of at most 64 rows (shared memory); the
+    warp-specialised configs only run the FULL variant (the others are tried for it too)."""
     meta = {**named_args, **kwargs}
     if meta["PRECISION"] == "ieee":
         return [_IEEE_CONFIG]
     limit = 64 if meta["BLOCK_D"] >= 256 else 128
-    kept = [c for c in configs if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= limit]
+    kept = [c for c in configs if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= limit
+            and (meta.get("FULL", False) or not c.kwargs.get("WS", False))]
     return kept or configs[:1]
 
 
-_TUNE_KEY = ["seqlen_bucket", "BLOCK_D", "PRECISION", "VARLEN"]
+_TUNE_KEY = ["seqlen_bucket", "BLOCK_D", "PRECISION", "VARLEN", "ACCUMULATE", "TMA"]
+_FWD_TUNE_KEY = _TUNE_KEY + ["FULL"]
 _PRUNE = {"early_config_prune": _prune_configs}
 # Positions and lengths change from ring step to ring step: do not compile a variant per value class.
 _NO_SPECIALIZE = ["seqlen_q", "seqlen_k", "q_offset", "k_offset", "below", "above", "seqlen_bucket"]
@@ -124,6 +142,27 @@ def _load_tile(Head, rows, stride_row, stride_d, n_rows, CHECK_ROWS: tl.constexp
     if HEAD_DIM != BLOCK_D:
         return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
     return tl.load(ptrs)
+
+
+@triton.jit
+def _stream_source(Head, n_rows, stride_row, TMA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """What a loop streams tiles of one head from: a TMA tensor descriptor over its (n_rows, HEAD_DIM)
+    rows when TMA (the launcher checked unit last stride and 16-byte alignment), else the head pointer."""
+    if TMA:
+        return tl.make_tensor_descriptor(Head, shape=[n_rows, HEAD_DIM], strides=[stride_row, 1],
+                                         block_shape=[BLOCK, BLOCK_D])
+    return Head
+
+
+@triton.jit
+def _stream_tile(Source, row0, stride_row, stride_d, n_rows, MASKED: tl.constexpr, TMA: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows ``row0 .. row0 + BLOCK`` of a ``_stream_source``. TMA reads rows and columns out of bounds as
+    0, as the masked pointer load does."""
+    if TMA:
+        return Source.load([row0, 0])
+    return _load_tile(Source, row0 + tl.arange(0, BLOCK), stride_row, stride_d, n_rows, MASKED, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
@@ -199,32 +238,91 @@ def _band_mask(q_pos, k_pos, below, above):
 # -------------------------------------------------------------------------------------------- forward
 
 @triton.jit
-def _fwd_inner(acc, row_max, row_sum, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+def _fwd_tile(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
+              q_pos, n0, seqlen_k, k_offset, k_stride, below, above, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASKED: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """One key tile of the online softmax. ``row_max`` is kept in base-2 units (scores x qk_scale); the
+    scores stay unscaled and qk_scale > 0 (check_scale) is folded into the exp2 argument: one FMA per
+    score instead of a multiply and a subtract."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    k = _stream_tile(K_src, n0, stride_kn, stride_kd, seqlen_k, MASKED, TMA, HEAD_DIM, BLOCK_N, BLOCK_D)
+    scores = _dot(q, tl.trans(k), PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
+    if MASKED:
+        visible = _band_mask(q_pos, k_offset + offs_n * k_stride, below, above) & (offs_n[None, :] < seqlen_k)
+        scores = tl.where(visible, scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, 1) * qk_scale)
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows with nothing visible yet
+    else:
+        new_max = tl.maximum(row_max, tl.max(scores, 1) * qk_scale)
+        safe_max = new_max
+    probs = tl.math.exp2(scores * qk_scale - safe_max[:, None])
+    rescale = tl.math.exp2(row_max - safe_max)
+    row_sum = row_sum * rescale + tl.sum(probs, 1)
+    v = _stream_tile(V_src, n0, stride_vn, stride_vd, seqlen_k, MASKED, TMA, HEAD_DIM, BLOCK_N, BLOCK_D)
+    acc = acc * rescale[:, None] + _dot(_to_operand(probs, v.dtype, PRECISION), v, PRECISION)
+    return acc, new_max, row_sum
+
+
+@triton.jit
+def _fwd_inner(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
                q_pos, n_start, n_end, seqlen_k, k_offset, k_stride, below, above, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-               MASKED: tl.constexpr, PRECISION: tl.constexpr):
+               MASKED: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     for n0 in range(n_start, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = _load_tile(K_head, offs_n, stride_kn, stride_kd, seqlen_k, MASKED, HEAD_DIM, BLOCK_D)
-        scores = _dot(q, tl.trans(k), PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
-        if MASKED:
-            visible = _band_mask(q_pos, k_offset + offs_n * k_stride, below, above) & (offs_n[None, :] < seqlen_k)
-            scores = tl.where(visible, scores, float("-inf"))
-            new_max = tl.maximum(row_max, tl.max(scores, 1))
-            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows with nothing visible yet
-        else:
-            new_max = tl.maximum(row_max, tl.max(scores, 1))
-            safe_max = new_max
-        probs = tl.math.exp2(scores - safe_max[:, None])
-        rescale = tl.math.exp2(row_max - safe_max)
-        row_sum = row_sum * rescale + tl.sum(probs, 1)
-        v = _load_tile(V_head, offs_n, stride_vn, stride_vd, seqlen_k, MASKED, HEAD_DIM, BLOCK_D)
-        acc = acc * rescale[:, None] + _dot(_to_operand(probs, v.dtype, PRECISION), v, PRECISION)
-        row_max = new_max
+        acc, row_max, row_sum = _fwd_tile(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd, stride_vn,
+                                          stride_vd, q_pos, n0, seqlen_k, k_offset, k_stride, below, above,
+                                          qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, MASKED, PRECISION, TMA)
     return acc, row_max, row_sum
 
 
-@triton.autotune(configs=_configs([(64, 32), (64, 64), (128, 64), (128, 128)]), key=_TUNE_KEY, prune_configs_by=_PRUNE)
+@triton.jit
+def _fwd_full(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k,
+              qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+              PRECISION: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr):
+    """Every key tile, none masked (``FULL``): one loop, warp-specialised when WS."""
+    if WS:
+        for n0 in tl.range(0, seqlen_k, BLOCK_N, warp_specialize=True):
+            acc, row_max, row_sum = _fwd_tile(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd,
+                                              stride_vn, stride_vd, None, n0, seqlen_k, 0, 1, 0, 0, qk_scale,
+                                              HEAD_DIM, BLOCK_D, BLOCK_N, False, PRECISION, TMA)
+    else:
+        for n0 in range(0, seqlen_k, BLOCK_N):
+            acc, row_max, row_sum = _fwd_tile(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd,
+                                              stride_vn, stride_vd, None, n0, seqlen_k, 0, 1, 0, 0, qk_scale,
+                                              HEAD_DIM, BLOCK_D, BLOCK_N, False, PRECISION, TMA)
+    return acc, row_max, row_sum
+
+
+@triton.jit
+def _store_output(Out_head, Lse_row, offs_m, stride_om, stride_od, stride_lm, seqlen_q, acc, row_max, row_sum,
+                  ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Writes the tile's normalised output and natural-log LSE; rows with no visible key get 0 and -inf.
+    ACCUMULATE: Out and Lse hold the float32 (out, lse) of earlier key blocks, and the tile is merged into
+    them in place with the online-softmax rule (``kernels.merge``), in base 2:
+    lse' = log2(2^lse + 2^lse_tile), out' = out * 2^(lse - lse') + acc * 2^(row_max - lse')."""
+    in_rows = offs_m < seqlen_q
+    empty = row_sum == 0.0
+    lse2 = tl.where(empty, float("-inf"), row_max + tl.math.log2(tl.where(empty, 1.0, row_sum)))
+    if ACCUMULATE:
+        old_lse2 = tl.load(Lse_row + offs_m * stride_lm, mask=in_rows, other=float("-inf")) * 1.4426950408889634
+        top = tl.maximum(old_lse2, lse2)
+        safe_top = tl.where(top == float("-inf"), 0.0, top)
+        total = tl.math.exp2(old_lse2 - safe_top) + tl.math.exp2(lse2 - safe_top)
+        new_lse2 = tl.where(total == 0.0, float("-inf"), safe_top + tl.math.log2(tl.where(total == 0.0, 1.0, total)))
+        safe_new = tl.where(total == 0.0, 0.0, new_lse2)
+        old_out = _load_tile(Out_head, offs_m, stride_om, stride_od, seqlen_q, True, HEAD_DIM, BLOCK_D)
+        out = (old_out * tl.math.exp2(old_lse2 - safe_new)[:, None]
+               + acc * tl.math.exp2(row_max - safe_new)[:, None])  # row_max = -inf where empty
+        lse2 = new_lse2
+    else:
+        out = acc / tl.where(empty, 1.0, row_sum)[:, None]
+    _store_tile(Out_head, offs_m, stride_om, stride_od, seqlen_q, out, HEAD_DIM, BLOCK_D)
+    tl.store(Lse_row + offs_m * stride_lm, lse2 / 1.4426950408889634, mask=in_rows)
+
+
+@triton.autotune(configs=_configs([(64, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2)], []),
+                 key=_FWD_TUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _fwd_kernel(Q, K, V, Out, Lse, Table,
                 stride_qb, stride_qm, stride_qh, stride_qd,
@@ -235,7 +333,8 @@ def _fwd_kernel(Q, K, V, Out, Lse, Table,
                 seqlen_q, seqlen_k, nheads, group,
                 q_offset, q_stride, k_offset, k_stride, below, above, qk_scale, seqlen_bucket,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                ACCUMULATE: tl.constexpr, TMA: tl.constexpr, FULL: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WS: tl.constexpr = False):
     pid_m = tl.program_id(0)
     batch = tl.program_id(1) // nheads
     head = tl.program_id(1) % nheads
@@ -261,27 +360,28 @@ def _fwd_kernel(Q, K, V, Out, Lse, Table,
     if VARLEN:
         start, full_start, full_end, end = _empty_if(m0 >= seqlen_q, start, full_start, full_end, end)
     q_pos = q_offset + offs_m * q_stride
+    K_src = _stream_source(K_head, seqlen_k, stride_kn, TMA, HEAD_DIM, BLOCK_N, BLOCK_D)
+    V_src = _stream_source(V_head, seqlen_k, stride_vn, TMA, HEAD_DIM, BLOCK_N, BLOCK_D)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # masked head, unmasked middle, masked tail (see _band_tiles)
-    acc, row_max, row_sum = _fwd_inner(acc, row_max, row_sum, q, K_head, V_head, stride_kn, stride_kd, stride_vn,
-                                       stride_vd, q_pos, start, full_start, seqlen_k, k_offset, k_stride, below,
-                                       above, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, PRECISION)
-    acc, row_max, row_sum = _fwd_inner(acc, row_max, row_sum, q, K_head, V_head, stride_kn, stride_kd, stride_vn,
-                                       stride_vd, q_pos, full_start, full_end, seqlen_k, k_offset, k_stride, below,
-                                       above, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, PRECISION)
-    acc, row_max, row_sum = _fwd_inner(acc, row_max, row_sum, q, K_head, V_head, stride_kn, stride_kd, stride_vn,
-                                       stride_vd, q_pos, full_end, end, seqlen_k, k_offset, k_stride, below,
-                                       above, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, PRECISION)
-
-    empty = row_sum == 0.0  # no visible key: output 0, LSE -inf
-    out = acc / tl.where(empty, 1.0, row_sum)[:, None]
-    lse = tl.where(empty, float("-inf"), (row_max + tl.math.log2(tl.where(empty, 1.0, row_sum))) / 1.4426950408889634)
-    _store_tile(Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh, offs_m, stride_om, stride_od,
-                seqlen_q, out, HEAD_DIM, BLOCK_D)
-    l_ptrs = Lse + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + offs_m * stride_lm
-    tl.store(l_ptrs, lse, mask=offs_m < seqlen_q)
+    if FULL:  # every (query, key) pair visible and seqlen_k a multiple of BLOCK_N: no mask, one loop
+        acc, row_max, row_sum = _fwd_full(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd, stride_vn,
+                                          stride_vd, seqlen_k, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, TMA,
+                                          WS)
+    else:  # masked head, unmasked middle, masked tail (see _band_tiles)
+        acc, row_max, row_sum = _fwd_inner(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd, stride_vn,
+                                           stride_vd, q_pos, start, full_start, seqlen_k, k_offset, k_stride, below,
+                                           above, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, PRECISION, TMA)
+        acc, row_max, row_sum = _fwd_inner(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd, stride_vn,
+                                           stride_vd, q_pos, full_start, full_end, seqlen_k, k_offset, k_stride,
+                                           below, above, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, PRECISION, TMA)
+        acc, row_max, row_sum = _fwd_inner(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd, stride_vn,
+                                           stride_vd, q_pos, full_end, end, seqlen_k, k_offset, k_stride, below,
+                                           above, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, PRECISION, TMA)
+    _store_output(Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh,
+                  Lse + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh, offs_m, stride_om, stride_od,
+                  stride_lm, seqlen_q, acc, row_max, row_sum, ACCUMULATE, HEAD_DIM, BLOCK_D)
 
 
 # ------------------------------------------------------------------------------------------- backward
@@ -315,22 +415,22 @@ def _load_lse_base2(Lse_row, offs_m, stride_lm, seqlen_q, CHECK: tl.constexpr):
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row,
+def _bwd_dkdv_inner(dk, dv, k, v, Q_src, DO_src, Lse_row, Delta_row,
                     stride_qm, stride_qd, stride_dom, stride_dod, stride_lm,
                     k_pos, m_start, m_end, seqlen_q, q_offset, q_stride, below, above, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    MASKED: tl.constexpr, PRECISION: tl.constexpr):
+                    MASKED: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        q = _load_tile(Q_head, offs_m, stride_qm, stride_qd, seqlen_q, MASKED, HEAD_DIM, BLOCK_D)
-        dout = _load_tile(DO_head, offs_m, stride_dom, stride_dod, seqlen_q, MASKED, HEAD_DIM, BLOCK_D)
+        q = _stream_tile(Q_src, m0, stride_qm, stride_qd, seqlen_q, MASKED, TMA, HEAD_DIM, BLOCK_M, BLOCK_D)
+        dout = _stream_tile(DO_src, m0, stride_dom, stride_dod, seqlen_q, MASKED, TMA, HEAD_DIM, BLOCK_M, BLOCK_D)
         lse = _load_lse_base2(Lse_row, offs_m, stride_lm, seqlen_q, MASKED)
         if MASKED:
             delta = tl.load(Delta_row + offs_m, mask=offs_m < seqlen_q, other=0.0)
         else:
             delta = tl.load(Delta_row + offs_m)
-        scores_t = _dot(k, tl.trans(q), PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-        probs_t = tl.math.exp2(scores_t - lse[None, :])
+        scores_t = _dot(k, tl.trans(q), PRECISION)  # (BLOCK_N, BLOCK_M), unscaled: qk_scale goes into exp2
+        probs_t = tl.math.exp2(scores_t * qk_scale - lse[None, :])
         if MASKED:
             # (keys x queries): kp - above <= qp <= kp + below is the band seen from the keys
             visible_t = _band_mask(k_pos, q_offset + offs_m * q_stride, above, below) & (offs_m[None, :] < seqlen_q)
@@ -340,6 +440,15 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row,
         dscores_t = probs_t * (dprobs_t - delta[None, :])
         dk += _dot(_to_operand(dscores_t, q.dtype, PRECISION), q, PRECISION)
     return dk, dv
+
+
+@triton.jit
+def _store_grad(Head, rows, stride_row, stride_d, n_rows, grad, ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """Stores a float32 gradient tile, or with ACCUMULATE adds it to the float32 gradient already there."""
+    if ACCUMULATE:
+        grad = _load_tile(Head, rows, stride_row, stride_d, n_rows, True, HEAD_DIM, BLOCK_D) + grad
+    _store_tile(Head, rows, stride_row, stride_d, n_rows, grad, HEAD_DIM, BLOCK_D)
 
 
 @triton.autotune(configs=_configs([(32, 64), (64, 64), (32, 128), (64, 128)]), key=_TUNE_KEY, prune_configs_by=_PRUNE)
@@ -355,7 +464,7 @@ def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Table,
               seqlen_q, seqlen_k, nheads, group,
               q_offset, q_stride, k_offset, k_stride, below, above, qk_scale, softmax_scale, seqlen_bucket,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              ACCUMULATE: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     nheads_kv = nheads // group
     batch = tl.program_id(1) // nheads_kv
     kv_head = tl.program_id(1) % nheads_kv
@@ -388,37 +497,39 @@ def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Table,
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(0, group):  # every query head that reads this KV head: a deterministic GQA sum
         head = kv_head * group + g
-        Q_head = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-        DO_head = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+        Q_src = _stream_source(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh, seqlen_q,
+                               stride_qm, TMA, HEAD_DIM, BLOCK_M, BLOCK_D)
+        DO_src = _stream_source(DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh, seqlen_q,
+                                stride_dom, TMA, HEAD_DIM, BLOCK_M, BLOCK_D)
         Lse_row = Lse + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh
         Delta_row = _delta_row(Delta, batch, head, nheads, seqlen_q, stride_lb, stride_lh, VARLEN)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, stride_qm, stride_qd,
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_src, DO_src, Lse_row, Delta_row, stride_qm, stride_qd,
                                  stride_dom, stride_dod, stride_lm, k_pos, start, full_start, seqlen_q, q_offset,
-                                 q_stride, below, above, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, PRECISION)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, stride_qm, stride_qd,
+                                 q_stride, below, above, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, PRECISION, TMA)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_src, DO_src, Lse_row, Delta_row, stride_qm, stride_qd,
                                  stride_dom, stride_dod, stride_lm, k_pos, full_start, full_end, seqlen_q, q_offset,
-                                 q_stride, below, above, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, PRECISION)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, stride_qm, stride_qd,
+                                 q_stride, below, above, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, PRECISION, TMA)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_src, DO_src, Lse_row, Delta_row, stride_qm, stride_qd,
                                  stride_dom, stride_dod, stride_lm, k_pos, full_end, end, seqlen_q, q_offset,
-                                 q_stride, below, above, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, PRECISION)
+                                 q_stride, below, above, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, PRECISION, TMA)
 
-    _store_tile(DK + batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh, offs_n, stride_dkn,
-                stride_dkd, seqlen_k, dk * softmax_scale, HEAD_DIM, BLOCK_D)
-    _store_tile(DV + batch.to(tl.int64) * stride_dvb + kv_head.to(tl.int64) * stride_dvh, offs_n, stride_dvn,
-                stride_dvd, seqlen_k, dv, HEAD_DIM, BLOCK_D)
+    _store_grad(DK + batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh, offs_n, stride_dkn,
+                stride_dkd, seqlen_k, dk * softmax_scale, ACCUMULATE, HEAD_DIM, BLOCK_D)
+    _store_grad(DV + batch.to(tl.int64) * stride_dvb + kv_head.to(tl.int64) * stride_dvh, offs_n, stride_dvn,
+                stride_dvd, seqlen_k, dv, ACCUMULATE, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+def _bwd_dq_inner(dq, q, dout, lse, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
                   q_pos, n_start, n_end, seqlen_k, k_offset, k_stride, below, above, qk_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  MASKED: tl.constexpr, PRECISION: tl.constexpr):
+                  MASKED: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = _load_tile(K_head, offs_n, stride_kn, stride_kd, seqlen_k, MASKED, HEAD_DIM, BLOCK_D)
-        v = _load_tile(V_head, offs_n, stride_vn, stride_vd, seqlen_k, MASKED, HEAD_DIM, BLOCK_D)
-        scores = _dot(q, tl.trans(k), PRECISION) * qk_scale
-        probs = tl.math.exp2(scores - lse[:, None])
+        k = _stream_tile(K_src, n0, stride_kn, stride_kd, seqlen_k, MASKED, TMA, HEAD_DIM, BLOCK_N, BLOCK_D)
+        v = _stream_tile(V_src, n0, stride_vn, stride_vd, seqlen_k, MASKED, TMA, HEAD_DIM, BLOCK_N, BLOCK_D)
+        scores = _dot(q, tl.trans(k), PRECISION)  # unscaled: qk_scale goes into exp2
+        probs = tl.math.exp2(scores * qk_scale - lse[:, None])
         if MASKED:
             visible = _band_mask(q_pos, k_offset + offs_n * k_stride, below, above) & (offs_n[None, :] < seqlen_k)
             probs = tl.where(visible, probs, 0.0)
@@ -440,7 +551,7 @@ def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Table,
             seqlen_q, seqlen_k, nheads, group,
             q_offset, q_stride, k_offset, k_stride, below, above, qk_scale, softmax_scale, seqlen_bucket,
             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+            ACCUMULATE: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     batch = tl.program_id(1) // nheads
     head = tl.program_id(1) % nheads
     kv_head = head // group
@@ -473,19 +584,21 @@ def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Table,
     if VARLEN:
         start, full_start, full_end, end = _empty_if(m0 >= seqlen_q, start, full_start, full_end, end)
     q_pos = q_offset + offs_m * q_stride
+    K_src = _stream_source(K_head, seqlen_k, stride_kn, TMA, HEAD_DIM, BLOCK_N, BLOCK_D)
+    V_src = _stream_source(V_head, seqlen_k, stride_vn, TMA, HEAD_DIM, BLOCK_N, BLOCK_D)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _bwd_dq_inner(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, q_pos,
+    dq = _bwd_dq_inner(dq, q, dout, lse, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd, q_pos,
                        start, full_start, seqlen_k, k_offset, k_stride, below, above, qk_scale,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, True, PRECISION)
-    dq = _bwd_dq_inner(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, q_pos,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, True, PRECISION, TMA)
+    dq = _bwd_dq_inner(dq, q, dout, lse, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd, q_pos,
                        full_start, full_end, seqlen_k, k_offset, k_stride, below, above, qk_scale,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, False, PRECISION)
-    dq = _bwd_dq_inner(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd, q_pos,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, False, PRECISION, TMA)
+    dq = _bwd_dq_inner(dq, q, dout, lse, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd, q_pos,
                        full_end, end, seqlen_k, k_offset, k_stride, below, above, qk_scale,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, True, PRECISION)
+                       HEAD_DIM, BLOCK_D, BLOCK_N, True, PRECISION, TMA)
 
-    _store_tile(DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh, offs_m, stride_dqm, stride_dqd,
-                seqlen_q, dq * softmax_scale, HEAD_DIM, BLOCK_D)
+    _store_grad(DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh, offs_m, stride_dqm, stride_dqd,
+                seqlen_q, dq * softmax_scale, ACCUMULATE, HEAD_DIM, BLOCK_D)
 
 
 # ------------------------------------------------------------------------------------------ launchers
@@ -496,48 +609,115 @@ def _dot_precision(dtype):
     return "emulate-bf16" if INTERPRET and dtype == torch.bfloat16 else "tf32"
 
 
-def _meta(q, k):
+def _meta(q, k, accumulate, *streamed):
     headdim = q.shape[-1]
     return dict(HEAD_DIM=headdim, BLOCK_D=max(16, triton.next_power_of_2(headdim)),
-                PRECISION=_dot_precision(q.dtype))
+                PRECISION=_dot_precision(q.dtype), ACCUMULATE=accumulate, TMA=_tma_ok(*streamed))
 
 
-def forward(q, k, v, scale, qpos: Positions, kpos: Positions, below, above, out_dtype):
+# TMA tensor descriptors (Hopper+) for the tiles the loops stream: Triton >= 3.4 has them; the interpreter of
+# Triton 3.9 runs them too. DIST_ATTN_TMA=0 keeps every load on the pointer path (for A/B measurements).
+TMA_SUPPORTED = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
+USE_TMA = TMA_SUPPORTED and os.environ.get("DIST_ATTN_TMA", "1") != "0"
+
+
+def _tma_ok(*tensors):
+    """Whether every streamed tensor can be read through TMA descriptors: unit last stride, 16-byte aligned
+    base and strides (of the dims longer than 1), on a GPU of compute capability >= 9 or the interpreter."""
+    if not USE_TMA or not _device_has_tma(tensors[0].device):
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16:
+            return False
+        if any(stride * size % 16 for dim, stride in zip(t.shape[:-1], t.stride()[:-1]) if dim > 1):
+            return False
+    _set_tma_allocator()
+    return True
+
+
+def _device_has_tma(device):
+    """Compute capability >= 9 (Hopper), or the interpreter (which runs descriptors on the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 9
+    return INTERPRET
+
+
+def _tma_scratch(size, alignment, stream):
+    """Global memory for the descriptors the kernels build on the device (128 bytes per descriptor)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _set_tma_allocator():
+    """Installs ``_tma_scratch`` unless the caller installed an allocator of their own. Triton keeps the
+    allocator in a context variable, so this runs on every launch (autograd runs the backward on another
+    thread)."""
+    if INTERPRET:
+        return
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+        if not isinstance(_allocator.get(), NullAllocator):
+            return
+    except ImportError:
+        pass
+    triton.set_allocator(_tma_scratch)
+
+
+def _all_visible(qpos: Positions, kpos: Positions, below, above):
+    """Whether the forward can take its FULL variant: every query sees every key (the band covers the
+    largest and the smallest position difference) and every key tile is complete."""
+    return (qpos.last - kpos.first <= below and qpos.first - kpos.last >= -above
+            and kpos.length % FULL_TILE == 0)
+
+
+def forward(q, k, v, scale, qpos: Positions, kpos: Positions, below, above, out_dtype, accumulate=None):
+    """Returns (out in ``out_dtype``, lse float32). ``accumulate``: float32 (out, lse) accumulators of
+    earlier key blocks, shaped like the result; the block is merged into them in place and they are
+    returned (``kernels.merge`` rule, fused into the kernel's epilogue)."""
     batch, seqlen_q, nheads, _ = q.shape
     seqlen_k, nheads_kv = k.shape[1], k.shape[2]
-    # The interpreter truncates float32 -> bfloat16 in stores; let torch round the result instead.
-    kernel_dtype = torch.float32 if INTERPRET and out_dtype == torch.bfloat16 else out_dtype
-    out = torch.empty(q.shape, dtype=kernel_dtype, device=q.device)
-    lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
+    if accumulate is not None:
+        out, lse = accumulate
+    else:
+        # The interpreter truncates float32 -> bfloat16 in stores; let torch round the result instead.
+        kernel_dtype = torch.float32 if INTERPRET and out_dtype == torch.bfloat16 else out_dtype
+        out = torch.empty(q.shape, dtype=kernel_dtype, device=q.device)
+        lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
     grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads)  # noqa: E731
     _fwd_kernel[grid](
         q, k, v, out, lse, None, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
         seqlen_q, seqlen_k, nheads, nheads // nheads_kv,
         qpos.offset, qpos.stride, kpos.offset, kpos.stride, below, above, scale * LOG2E,
-        _seqlen_bucket(max(seqlen_q, seqlen_k)), VARLEN=False, **_meta(q, k))
-    return out.to(out_dtype), lse
+        _seqlen_bucket(max(seqlen_q, seqlen_k)), VARLEN=False, FULL=_all_visible(qpos, kpos, below, above),
+        **_meta(q, k, accumulate is not None, k, v))
+    return (out, lse) if accumulate is not None else (out.to(out_dtype), lse)
 
 
-def backward(dout, q, k, v, out, lse, scale, qpos: Positions, kpos: Positions, below, above):
-    """dq, dk, dv in float32."""
+def backward(dout, q, k, v, out, lse, scale, qpos: Positions, kpos: Positions, below, above, accumulate=None):
+    """dq, dk, dv in float32; with ``accumulate`` (float32 (dq, dk, dv) shaped like q, k, v) they are added
+    into those in place and returned."""
     batch, seqlen_q, nheads, headdim = q.shape
     seqlen_k, nheads_kv = k.shape[1], k.shape[2]
-    meta = _meta(q, k)
     delta = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
     _bwd_preprocess[(triton.cdiv(seqlen_q, 64), batch * nheads)](
         out, dout, delta, *out.stride(), *dout.stride(), seqlen_q, nheads,
-        HEAD_DIM=headdim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=64)
-    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)
-    dv = torch.empty(v.shape, dtype=torch.float32, device=q.device)
+        HEAD_DIM=headdim, BLOCK_D=max(16, triton.next_power_of_2(headdim)), BLOCK_M=64)
+    if accumulate is not None:
+        dq, dk, dv = accumulate
+    else:
+        dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)
+        dv = torch.empty(v.shape, dtype=torch.float32, device=q.device)
     common = (seqlen_q, seqlen_k, nheads, nheads // nheads_kv,
               qpos.offset, qpos.stride, kpos.offset, kpos.stride, below, above, scale * LOG2E, scale,
               _seqlen_bucket(max(seqlen_q, seqlen_k)))
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride())
     _bwd_dkdv[lambda m: (triton.cdiv(seqlen_k, m["BLOCK_N"]), batch * nheads_kv)](
-        q, k, v, dout, lse, delta, dk, dv, None, *strides, *dk.stride(), *dv.stride(), *common, VARLEN=False, **meta)
+        q, k, v, dout, lse, delta, dk, dv, None, *strides, *dk.stride(), *dv.stride(), *common, VARLEN=False,
+        **_meta(q, k, accumulate is not None, q, dout))
     _bwd_dq[lambda m: (triton.cdiv(seqlen_q, m["BLOCK_M"]), batch * nheads)](
-        q, k, v, dout, lse, delta, dq, None, *strides, *dq.stride(), *common, VARLEN=False, **meta)
+        q, k, v, dout, lse, delta, dq, None, *strides, *dq.stride(), *common, VARLEN=False,
+        **_meta(q, k, accumulate is not None, k, v))
     return dq, dk, dv
 
 
@@ -557,9 +737,10 @@ def _packed_strides(t):
     return (0, *t.stride())
 
 
-def forward_varlen(q, k, v, scale, pairs, out, lse):
+def forward_varlen(q, k, v, scale, pairs, out, lse, accumulate=False):
     """All packed sequences (``PackedPair`` s, sharing q and k position strides) in one launch. Writes
-    their rows of ``out`` (total_q, H, D) and ``lse`` (H, total_q); other rows are left as they are."""
+    their rows of ``out`` (total_q, H, D) and ``lse`` (H, total_q), or with ``accumulate`` merges them into
+    the float32 (out, lse) there; other rows are left as they are."""
     nheads, nheads_kv = q.shape[1], k.shape[1]
     table, max_q, max_k = _pair_table(pairs, q.device)
     # The interpreter truncates float32 -> bfloat16 in stores (see forward): compute in float32, copy back.
@@ -571,25 +752,24 @@ def forward_varlen(q, k, v, scale, pairs, out, lse):
         q, k, v, kernel_out, lse, table, *_packed_strides(q), *_packed_strides(k), *_packed_strides(v),
         *_packed_strides(kernel_out), *_packed_strides(lse), max_q, max_k, nheads, nheads // nheads_kv,
         0, pairs[0].q.stride, 0, pairs[0].k.stride, 0, 0, scale * LOG2E,  # per pair: from the table
-        _seqlen_bucket(max(max_q, max_k)), VARLEN=True, **_meta(q, k))
+        _seqlen_bucket(max(max_q, max_k)), VARLEN=True, FULL=False, **_meta(q, k, accumulate, k, v))
     if kernel_out is not out:
         rows = torch.cat([torch.arange(p.q_start, p.q_start + p.q.length) for p in pairs])
         out[rows] = kernel_out[rows].to(out.dtype)
 
 
-def backward_varlen(dout, q, k, v, out, lse, scale, pairs, dq, dk, dv):
+def backward_varlen(dout, q, k, v, out, lse, scale, pairs, dq, dk, dv, accumulate=False):
     """Gradients of ``forward_varlen``, one launch per kernel: writes each pair's rows of dq, dk, dv
-    (float32, shaped like q, k, v)."""
+    (float32, shaped like q, k, v), or with ``accumulate`` adds them to what those rows hold."""
     total_q, nheads, headdim = q.shape
     nheads_kv = k.shape[1]
     table, max_q, max_k = _pair_table(pairs, q.device)
-    meta = _meta(q, k)
     # delta over all packed rows as one sequence: (1, H, total_q), the layout of a contiguous lse
     lse = lse.contiguous()
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
     _bwd_preprocess[(triton.cdiv(total_q, 64), nheads)](
         out, dout, delta, *_packed_strides(out), *_packed_strides(dout), total_q, nheads,
-        HEAD_DIM=headdim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=64)
+        HEAD_DIM=headdim, BLOCK_D=max(16, triton.next_power_of_2(headdim)), BLOCK_M=64)
     common = (max_q, max_k, nheads, nheads // nheads_kv,
               0, pairs[0].q.stride, 0, pairs[0].k.stride, 0, 0, scale * LOG2E, scale,  # per pair: from the table
               _seqlen_bucket(max(max_q, max_k)))
@@ -597,6 +777,7 @@ def backward_varlen(dout, q, k, v, out, lse, scale, pairs, dq, dk, dv):
                *_packed_strides(lse))
     _bwd_dkdv[lambda m: (triton.cdiv(max_k, m["BLOCK_N"]), len(pairs) * nheads_kv)](
         q, k, v, dout, lse, delta, dk, dv, table, *strides, *_packed_strides(dk), *_packed_strides(dv), *common,
-        VARLEN=True, **meta)
+        VARLEN=True, **_meta(q, k, accumulate, q, dout))
     _bwd_dq[lambda m: (triton.cdiv(max_q, m["BLOCK_M"]), len(pairs) * nheads)](
-        q, k, v, dout, lse, delta, dq, table, *strides, *_packed_strides(dq), *common, VARLEN=True, **meta)
+        q, k, v, dout, lse, delta, dq, table, *strides, *_packed_strides(dq), *common, VARLEN=True,
+        **_meta(q, k, accumulate, k, v))

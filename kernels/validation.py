@@ -76,6 +76,19 @@ def check_like(name, tensor, reference, shape, dtype=None):
         raise ValueError(f"{name} must be on {reference.device}; got {tensor.device}")
 
 
+def check_accumulate(accumulate, names, reference, shapes):
+    """``accumulate``: None, or a tuple of float32 tensors (one per name) shaped like ``shapes``, on the
+    device of ``reference``. Returns it as a tuple (or None)."""
+    if accumulate is None:
+        return None
+    if not isinstance(accumulate, (tuple, list)) or len(accumulate) != len(names):
+        raise TypeError(f"accumulate must be None or a tuple ({', '.join(names)}) of float32 tensors; "
+                        f"got {type(accumulate).__name__}")
+    for name, tensor, shape in zip(names, accumulate, shapes):
+        check_like(f"accumulate {name}", tensor, reference, shape, torch.float32)
+    return tuple(accumulate)
+
+
 def check_scale(softmax_scale, headdim):
     """Returns the softmax scale: ``headdim ** -0.5`` for ``None``, else a positive finite float."""
     if softmax_scale is None:

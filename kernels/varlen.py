@@ -18,8 +18,8 @@ import torch
 
 from .interface import _backend_module
 from .positions import PackedPair, Positions, mask_band, visible_range
-from .validation import (check_backend, check_causal, check_like, check_positions, check_qkv, check_scale,
-                         check_window)
+from .validation import (check_accumulate, check_backend, check_causal, check_like, check_positions, check_qkv,
+                         check_scale, check_window)
 
 
 def check_cu_seqlens(name, cu_seqlens, total):
@@ -107,35 +107,46 @@ def _prepare(q, k, v, softmax_scale, causal, q_spans, k_spans, q_stride, k_strid
 
 
 def flash_attn_varlen_forward(q, k, v, softmax_scale, causal, q_spans, k_spans, q_stride=1, k_stride=1,
-                              window=None, *, backend=None, out_dtype=None):
+                              window=None, *, backend=None, out_dtype=None, accumulate=None):
     """Attention of packed sequences at explicit positions; sequence i is ``q_spans[i]`` against ``k_spans[i]``.
 
     q: (total_q, nheads, headdim); k, v: (total_k, nheads_kv, headdim). A span ``(start, length, offset)``
     is ``length`` rows from row ``start``, row j at global position ``offset + j * stride``. Returns out
     (total_q, nheads, headdim) in ``out_dtype`` (default q.dtype) and lse (nheads, total_q), float32;
-    rows outside every span, and rows that see no key, get out 0 and lse -inf.
+    rows outside every span, and rows that see no key, get out 0 and lse -inf. ``accumulate=(out, lse)``:
+    float32 accumulators of those shapes to merge the result into, in place, as ``flash_attn_forward``
+    does; they are returned.
     """
     (_, total_q, _, nheads, _, _), scale, pairs, module = _prepare(
         q, k, v, softmax_scale, causal, q_spans, k_spans, q_stride, k_stride, window, backend)
-    out = torch.zeros(q.shape, dtype=q.dtype if out_dtype is None else out_dtype, device=q.device)
-    lse = torch.full((nheads, total_q), float("-inf"), device=q.device)
+    accumulate = check_accumulate(accumulate, ("out", "lse"), q, (q.shape, (nheads, total_q)))
+    if accumulate is not None:
+        out, lse = accumulate
+    else:
+        out = torch.zeros(q.shape, dtype=q.dtype if out_dtype is None else out_dtype, device=q.device)
+        lse = torch.full((nheads, total_q), float("-inf"), device=q.device)
     if pairs:
-        module.forward_varlen(q, k, v, scale, pairs, out, lse)
+        module.forward_varlen(q, k, v, scale, pairs, out, lse, accumulate is not None)
     return out, lse
 
 
 def flash_attn_varlen_backward(dout, q, k, v, out, lse, softmax_scale, causal, q_spans, k_spans, q_stride=1,
-                               k_stride=1, window=None, *, backend=None):
+                               k_stride=1, window=None, *, backend=None, accumulate=None):
     """Gradients of ``flash_attn_varlen_forward`` given its output and the LSE to normalise with (in a
-    ring, the global one). Returns dq, dk, dv in float32; rows outside every span get 0."""
+    ring, the global one). Returns dq, dk, dv in float32; rows outside every span get 0. With
+    ``accumulate=(dq, dk, dv)`` (float32, shaped like q, k, v) the gradients are added into those."""
     (_, total_q, _, nheads, _, _), scale, pairs, module = _prepare(
         q, k, v, softmax_scale, causal, q_spans, k_spans, q_stride, k_stride, window, backend)
     check_like("dout", dout, q, q.shape)
     check_like("out", out, q, q.shape)
     check_like("lse", lse, q, (nheads, total_q), torch.float32)
-    dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=q.device) for t in (q, k, v))
+    accumulate = check_accumulate(accumulate, ("dq", "dk", "dv"), q, (q.shape, k.shape, v.shape))
+    if accumulate is not None:
+        dq, dk, dv = accumulate
+    else:
+        dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=q.device) for t in (q, k, v))
     if pairs:
-        module.backward_varlen(dout, q, k, v, out, lse, scale, pairs, dq, dk, dv)
+        module.backward_varlen(dout, q, k, v, out, lse, scale, pairs, dq, dk, dv, accumulate is not None)
     return dq, dk, dv
 
 

@@ -7,7 +7,7 @@ import torch
 
 from dist_attn import LAYOUTS, global_positions, shard
 from dist_attn.layouts import segments
-from dist_attn.merge import merge_
+from kernels.merge import merge_
 from kernels import attention_reference
 
 

@@ -4,6 +4,9 @@ Two partials over disjoint key sets, (out_a, lse_a) and (out_b, lse_b), combine 
 ``lse = logaddexp(lse_a, lse_b)`` and ``out = out_a * exp(lse_a - lse) + out_b * exp(lse_b - lse)``.
 Everything is float32; a side with lse = -inf (its keys were all masked) gets weight 0, and when both
 are -inf the row stays 0 with lse -inf instead of becoming NaN.
+
+The Triton forward applies the same rule in its epilogue (``accumulate=`` of ``flash_attn_forward``), so a
+ring step makes no separate pass over the float32 accumulators; the torch backend calls ``merge_``.
 """
 
 from __future__ import annotations
