@@ -73,14 +73,23 @@ def _configs(kept, warp_specialized=None):
 
 def _prune_configs(configs, named_args, **kwargs):
     """float32 gets _IEEE_CONFIG; headdim 256 gets tiles of at most 64 rows (shared memory); the
-    warp-specialised configs only run the FULL variant (the others are tried for it too)."""
+    warp-specialised configs only run the FULL variant with TMA (the others are tried for it too);
+    _TMA_ONLY configs only run with TMA."""
     meta = {**named_args, **kwargs}
     if meta["PRECISION"] == "ieee":
         return [_IEEE_CONFIG]
     limit = 64 if meta["BLOCK_D"] >= 256 else 128
-    kept = [c for c in configs if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= limit
-            and (meta.get("FULL", False) or not c.kwargs.get("WS", False))]
+    def runs_here(c):
+        tile = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+        if c.kwargs.get("WS", False) and not (meta.get("FULL", False) and meta["TMA"]):
+            return False
+        return max(tile[:2]) <= limit and (meta["TMA"] or tile not in _TMA_ONLY)
+    kept = [c for c in configs if runs_here(c)]
     return kept or configs[:1]
+
+
+# Without TMA these spill inside their main loops (the pointer loads hold more registers)
+_TMA_ONLY = {(128, 128, 8, 2)}
 
 
 _TUNE_KEY = ["seqlen_bucket", "BLOCK_D", "PRECISION", "VARLEN", "ACCUMULATE", "TMA"]
@@ -149,10 +158,12 @@ def _stream_source(Head, n_rows, stride_row, TMA: tl.constexpr, HEAD_DIM: tl.con
                    BLOCK_D: tl.constexpr):
     """What a loop streams tiles of one head from: a TMA tensor descriptor over its (n_rows, HEAD_DIM)
     rows when TMA (the launcher checked unit last stride and 16-byte alignment), else the head pointer."""
-    if TMA:
-        return tl.make_tensor_descriptor(Head, shape=[n_rows, HEAD_DIM], strides=[stride_row, 1],
-                                         block_shape=[BLOCK, BLOCK_D])
-    return Head
+    if TMA:  # one return statement: the compiler checks every return of a function against the others
+        source = tl.make_tensor_descriptor(Head, shape=[n_rows, HEAD_DIM], strides=[stride_row, 1],
+                                           block_shape=[BLOCK, BLOCK_D])
+    else:
+        source = Head
+    return source
 
 
 @triton.jit
@@ -161,8 +172,10 @@ def _stream_tile(Source, row0, stride_row, stride_d, n_rows, MASKED: tl.constexp
     """Rows ``row0 .. row0 + BLOCK`` of a ``_stream_source``. TMA reads rows and columns out of bounds as
     0, as the masked pointer load does."""
     if TMA:
-        return Source.load([row0, 0])
-    return _load_tile(Source, row0 + tl.arange(0, BLOCK), stride_row, stride_d, n_rows, MASKED, HEAD_DIM, BLOCK_D)
+        tile = Source.load([row0, 0])
+    else:
+        tile = _load_tile(Source, row0 + tl.arange(0, BLOCK), stride_row, stride_d, n_rows, MASKED, HEAD_DIM, BLOCK_D)
+    return tile
 
 
 @triton.jit
@@ -321,7 +334,8 @@ def _store_output(Out_head, Lse_row, offs_m, stride_om, stride_od, stride_lm, se
     tl.store(Lse_row + offs_m * stride_lm, lse2 / 1.4426950408889634, mask=in_rows)
 
 
-@triton.autotune(configs=_configs([(64, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2)], []),
+@triton.autotune(configs=_configs([(64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)],
+                                  warp_specialized=[(128, 128, 8, 2), (128, 64, 8, 3)]),
                  key=_FWD_TUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _fwd_kernel(Q, K, V, Out, Lse, Table,
@@ -451,7 +465,8 @@ def _store_grad(Head, rows, stride_row, stride_d, n_rows, grad, ACCUMULATE: tl.c
     _store_tile(Head, rows, stride_row, stride_d, n_rows, grad, HEAD_DIM, BLOCK_D)
 
 
-@triton.autotune(configs=_configs([(32, 64), (64, 64), (32, 128), (64, 128)]), key=_TUNE_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=_configs([(32, 64, 8, 2), (32, 64, 8, 3), (32, 128, 8, 2), (64, 64, 8, 3)]),
+                 key=_TUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Table,
               stride_qb, stride_qm, stride_qh, stride_qd,
@@ -539,7 +554,8 @@ def _bwd_dq_inner(dq, q, dout, lse, delta, K_src, V_src, stride_kn, stride_kd, s
     return dq
 
 
-@triton.autotune(configs=_configs([(64, 32), (64, 64), (128, 32), (128, 64)]), key=_TUNE_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=_configs([(64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)]),
+                 key=_TUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Table,
             stride_qb, stride_qm, stride_qh, stride_qd,

@@ -29,6 +29,7 @@ def compile_reports(tmp_dir, *args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     env["PYTHONPATH"] = str(ROOT)
+    env["TRITON_CACHE_DIR"] = str(tmp_dir / "triton-cache")  # compile everything: no cache from earlier runs
     run = subprocess.run([sys.executable, "-m", "benchmarks.kernel_static", "--json", "--out-dir", str(tmp_dir),
                           *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stderr[-4000:]
