@@ -97,6 +97,7 @@ def compile_only(module, kernel_names, space=None):
                 try:
                     for config in kernel.prune_configs(kwargs):
                         blocks = f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}"
+                        blocks += " ws" if config.kwargs.get("WS") else ""  # warp-specialised
                         compiled.append((self.name, blocks,
                                          kernel.fn.warmup(*args, grid=grid, **kwargs, **config.all_kwargs())))
                 finally:
@@ -324,7 +325,10 @@ def markdown(reports, command, shape, dtype):
         "these are compiler outputs, not timings.",
         "",
         "Main loop: SASS instructions per iteration of the smallest innermost loop with HGMMA (the unmasked "
-        "loop); all loops: every such loop. Spills in loops: LDL/STL inside those loops.",
+        "loop); all loops: every such loop. Spills in loops: LDL/STL inside those loops. \"ws\": the "
+        "warp-specialised config. Cases: fwd = flash_attn_func (causal); ring-fwd / bwd = a causal ring step "
+        "(fused merge / accumulation); ring-fwd-full = a ring step with every key visible (FULL variant); "
+        "varlen = packed sequences; -pointer = without TMA (inputs TMA cannot read).",
         "",
         md_row(["case", "kernel", "BLOCK_MxN", "warps", "stages", "regs", "spill st/ld B", "spills in loops",
                 "wgmma serialised", "shared KiB", "wgmma", "mma.sync", "TMA loads", "cp.async", "main loop",

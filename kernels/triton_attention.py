@@ -2,9 +2,10 @@
 
 Algorithm (FlashAttention-2, Dao 2023; Triton's fused-attention tutorial): each program owns a tile of
 BLOCK_M query rows, streams BLOCK_N-key tiles of K and V through on-chip memory and keeps an online
-softmax (running max ``m``, running sum ``l``, un-normalised output ``acc``) in float32. Scores are kept
-in base 2 (``qk_scale = softmax_scale * log2(e)``) so the inner loop uses ``exp2``; the stored LSE is
-natural-log. The seqlen x seqlen matrix never exists in memory.
+softmax (running max ``m``, running sum ``l``, un-normalised output ``acc``) in float32. The scores stay
+unscaled and ``qk_scale = softmax_scale * log2(e)`` is folded into the ``exp2`` argument (one FMA per
+score); the running max is in base 2, the stored LSE natural-log. The seqlen x seqlen matrix never exists
+in memory.
 
 Positions: query row i is at ``q_offset + i * q_stride`` and key j at ``k_offset + j * k_stride``;
 the causal and window masks collapse into one band ``qp - below <= kp <= qp + above``
@@ -18,6 +19,13 @@ the band reaches (``_bwd_dkdv``, deterministic: no atomics); one kernel per quer
 (``_bwd_dq``). P = exp(S - lse) is recomputed with the LSE handed in, which in a ring is the *global*
 LSE of all steps, so the local gradients are exact without a merge. Rows with lse = -inf (no visible
 key) get P = 0.
+
+Ring steps (``ACCUMULATE``): the forward merges its tile into the float32 (out, lse) of earlier key
+blocks in its epilogue (``_store_output``), the backward adds into float32 dq/dk/dv (``_store_grad``).
+Streamed tiles (``TMA``): K/V in the forward and dQ, Q/dO in dK/dV come through TMA tensor descriptors
+when the launcher finds the inputs TMA-readable (``_tma_ok``), else through pointer loads. Fully visible
+calls (``FULL``) run one unmasked loop, warp-specialised in some autotune configs (``WS``). Which configs
+are searched was read off the compiled sm_90a code (``benchmarks/kernel_static.py``).
 
 Packed variable-length sequences (``forward_varlen`` / ``backward_varlen``): the same kernels with
 ``VARLEN=True`` run every sequence of a call in one launch per kernel, each program reading its
