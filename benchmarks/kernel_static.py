@@ -97,7 +97,6 @@ def compile_only(module, kernel_names, space=None):
                 try:
                     for config in kernel.prune_configs(kwargs):
                         blocks = f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}"
-                        blocks += " ws" if config.kwargs.get("WS") else ""  # warp-specialised
                         compiled.append((self.name, blocks,
                                          kernel.fn.warmup(*args, grid=grid, **kwargs, **config.all_kwargs())))
                 finally:
@@ -325,8 +324,7 @@ def markdown(reports, command, shape, dtype):
         "these are compiler outputs, not timings.",
         "",
         "Main loop: SASS instructions per iteration of the smallest innermost loop with HGMMA (the unmasked "
-        "loop); all loops: every such loop. Spills in loops: LDL/STL inside those loops. \"ws\": the "
-        "warp-specialised config. Cases: fwd = flash_attn_func (causal); ring-fwd / bwd = a causal ring step "
+        "loop); all loops: every such loop. Spills in loops: LDL/STL inside those loops. Cases: fwd = flash_attn_func (causal); ring-fwd / bwd = a causal ring step "
         "(fused merge / accumulation); ring-fwd-full = a ring step with every key visible (FULL variant); "
         "varlen = packed sequences; -pointer = without TMA (inputs TMA cannot read).",
         "",
@@ -344,15 +342,11 @@ def markdown(reports, command, shape, dtype):
 
 
 def candidate_space():
-    """Every (BLOCK_M, BLOCK_N) x warps x stages a kernel could use, to choose the kept configs from (the
-    forward's also warp-specialised, which only its FULL variant runs)."""
-    from kernels import triton_attention as ta
+    """Every (BLOCK_M, BLOCK_N) x warps x stages a kernel could use, to choose the kept configs from."""
     tiles = [(32, 64), (32, 128), (64, 32), (64, 64), (64, 128), (128, 32), (128, 64), (128, 128)]
-    shapes = [(m, n, w, s) for m, n in tiles for w in (4, 8) for s in (2, 3)]
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
-    forward = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "WS": ws}, num_warps=w, num_stages=s)
-               for ws in ([False, True] if ta.WARP_SPECIALIZE else [False]) for m, n, w, s in shapes]
-    return {"_fwd_kernel": forward, "_bwd_dkdv": configs, "_bwd_dq": configs}
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+               for m, n in tiles for w in (4, 8) for s in (2, 3)]
+    return {name: configs for name in ("_fwd_kernel", "_bwd_dkdv", "_bwd_dq")}
 
 
 def parse_args(argv=None):

@@ -24,8 +24,8 @@ Ring steps (``ACCUMULATE``): the forward merges its tile into the float32 (out, 
 blocks in its epilogue (``_store_output``), the backward adds into float32 dq/dk/dv (``_store_grad``).
 Streamed tiles (``TMA``): K/V in the forward and dQ, Q/dO in dK/dV come through TMA tensor descriptors
 when the launcher finds the inputs TMA-readable (``_tma_ok``), else through pointer loads. Fully visible
-calls (``FULL``) run one unmasked loop, warp-specialised in some autotune configs (``WS``). Which configs
-are searched was read off the compiled sm_90a code (``benchmarks/kernel_static.py``).
+calls (``FULL``) run one unmasked loop. Which configs are searched was read off the compiled sm_90a code
+(``benchmarks/kernel_static.py``).
 
 Packed variable-length sequences (``forward_varlen`` / ``backward_varlen``): the same kernels with
 ``VARLEN=True`` run every sequence of a call in one launch per kernel, each program reading its
@@ -36,7 +36,6 @@ Run the tests under the interpreter on CPU:  TRITON_INTERPRET=1 pytest tests/tes
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 
@@ -55,42 +54,30 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on
 # The float32 ("ieee") path is the accurate one, not the fast one: its FMA-based dots compile slowly
 # (tens of seconds per config at headdim 256), so it gets one small tile instead of a search.
 _IEEE_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)
-# Warp specialisation (``tl.range(..., warp_specialize=True)``: producer warps issue the TMA loads,
-# consumer warps the wgmma and softmax): Triton >= 3.4. DIST_ATTN_WS=0 leaves it out of the search.
-WARP_SPECIALIZE = ("warp_specialize" in inspect.signature(tl.range.__init__).parameters
-                   and os.environ.get("DIST_ATTN_WS", "1") != "0")
 # FULL (every tile visible and complete, one loop) needs seqlen_k to be a multiple of every BLOCK_N
 FULL_TILE = 128
 
 
-def _configs(kept, warp_specialized=None):
+def _configs(kept):
     """Autotune space for 16-bit inputs: the kept (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen by
     ``python -m benchmarks.kernel_static --space candidates`` (bf16, head dim 128, sm_90a): tensor-core
-    (wgmma) code, no spills in the main loops, no serialised wgmma. ``warp_specialized``: configs of the
-    forward's single-loop variant for fully visible calls (``FULL``), with its loop warp-specialised."""
+    (wgmma) code, no spills in the main loops, no serialised wgmma, within sm_90's shared memory."""
     if INTERPRET:  # one config (no timing runs); 32-wide so that test-sized inputs cross tile boundaries
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    ws = {} if warp_specialized is None else {"WS": False}
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **ws}, num_warps=warps, num_stages=stages)
-               for bm, bn, warps, stages in kept]
-    if WARP_SPECIALIZE and warp_specialized:
-        configs += [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WS": True}, num_warps=warps, num_stages=stages)
-                    for bm, bn, warps, stages in warp_specialized]
-    return configs
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+            for bm, bn, warps, stages in kept]
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """float32 gets _IEEE_CONFIG; headdim 256 gets tiles of at most 64 rows (shared memory); the
-    warp-specialised configs only run the FULL variant with TMA (the others are tried for it too);
-    _TMA_ONLY configs only run with TMA."""
+    """float32 gets _IEEE_CONFIG; headdim 256 gets tiles of at most 64 rows (shared memory); _TMA_ONLY
+    configs only run with TMA."""
     meta = {**named_args, **kwargs}
     if meta["PRECISION"] == "ieee":
         return [_IEEE_CONFIG]
     limit = 64 if meta["BLOCK_D"] >= 256 else 128
+
     def runs_here(c):
         tile = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-        if c.kwargs.get("WS", False) and not (meta.get("FULL", False) and meta["TMA"]):
-            return False
         return max(tile[:2]) <= limit and (meta["TMA"] or tile not in _TMA_ONLY)
     kept = [c for c in configs if runs_here(c)]
     return kept or configs[:1]
@@ -300,18 +287,12 @@ def _fwd_inner(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd, str
 @triton.jit
 def _fwd_full(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k,
               qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-              PRECISION: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr):
-    """Every key tile, none masked (``FULL``): one loop, warp-specialised when WS."""
-    if WS:
-        for n0 in tl.range(0, seqlen_k, BLOCK_N, warp_specialize=True):
-            acc, row_max, row_sum = _fwd_tile(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd,
-                                              stride_vn, stride_vd, None, n0, seqlen_k, 0, 1, 0, 0, qk_scale,
-                                              HEAD_DIM, BLOCK_D, BLOCK_N, False, PRECISION, TMA)
-    else:
-        for n0 in range(0, seqlen_k, BLOCK_N):
-            acc, row_max, row_sum = _fwd_tile(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd,
-                                              stride_vn, stride_vd, None, n0, seqlen_k, 0, 1, 0, 0, qk_scale,
-                                              HEAD_DIM, BLOCK_D, BLOCK_N, False, PRECISION, TMA)
+              PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """Every key tile, none masked (``FULL``): one loop, no band arithmetic."""
+    for n0 in range(0, seqlen_k, BLOCK_N):
+        acc, row_max, row_sum = _fwd_tile(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd,
+                                          stride_vn, stride_vd, None, n0, seqlen_k, 0, 1, 0, 0, qk_scale,
+                                          HEAD_DIM, BLOCK_D, BLOCK_N, False, PRECISION, TMA)
     return acc, row_max, row_sum
 
 
@@ -342,8 +323,7 @@ def _store_output(Out_head, Lse_row, offs_m, stride_om, stride_od, stride_lm, se
     tl.store(Lse_row + offs_m * stride_lm, lse2 / 1.4426950408889634, mask=in_rows)
 
 
-@triton.autotune(configs=_configs([(64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)],
-                                  warp_specialized=[(128, 128, 8, 2), (128, 64, 8, 3)]),
+@triton.autotune(configs=_configs([(64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)]),
                  key=_FWD_TUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _fwd_kernel(Q, K, V, Out, Lse, Table,
@@ -356,7 +336,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, Table,
                 q_offset, q_stride, k_offset, k_stride, below, above, qk_scale, seqlen_bucket,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
                 ACCUMULATE: tl.constexpr, TMA: tl.constexpr, FULL: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WS: tl.constexpr = False):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     batch = tl.program_id(1) // nheads
     head = tl.program_id(1) % nheads
@@ -389,8 +369,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, Table,
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     if FULL:  # every (query, key) pair visible and seqlen_k a multiple of BLOCK_N: no mask, one loop
         acc, row_max, row_sum = _fwd_full(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd, stride_vn,
-                                          stride_vd, seqlen_k, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, TMA,
-                                          WS)
+                                          stride_vd, seqlen_k, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, TMA)
     else:  # masked head, unmasked middle, masked tail (see _band_tiles)
         acc, row_max, row_sum = _fwd_inner(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd, stride_vn,
                                            stride_vd, q_pos, start, full_start, seqlen_k, k_offset, k_stride, below,

@@ -224,20 +224,17 @@ def test_full_variant_not_taken_when_some_tile_needs_a_mask(monkeypatch, positio
 
 
 def test_autotune_pruning_keeps_each_config_to_the_code_it_was_checked_for():
-    """Warp-specialised configs only for the FULL variant with TMA; _TMA_ONLY tiles only with TMA (without
-    it they spill in their main loops, benchmarks/kernel_static.py); float32 gets the IEEE config."""
+    """_TMA_ONLY tiles only with TMA (without it they spill in their main loops, benchmarks/kernel_static.py);
+    float32 gets the IEEE config."""
     import triton
-    plain = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "WS": False}, num_warps=8, num_stages=2)
-    ws = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "WS": True}, num_warps=8, num_stages=3)
-    tma_only = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "WS": False}, num_warps=8, num_stages=2)
+    plain = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2)
+    tma_only = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2)
     assert (128, 128, 8, 2) in ta._TMA_ONLY
-    configs = [plain, ws, tma_only]
+    configs = [plain, tma_only]
 
     def kept(**meta):
-        meta = dict(dict(PRECISION="tf32", BLOCK_D=128, TMA=True, FULL=False), **meta)
-        return ta._prune_configs(configs, {}, **meta)
+        return ta._prune_configs(configs, {}, **dict(dict(PRECISION="tf32", BLOCK_D=128, TMA=True), **meta))
 
-    assert kept(FULL=True) == configs
-    assert kept() == [plain, tma_only]
-    assert kept(FULL=True, TMA=False) == [plain]
+    assert kept() == configs
+    assert kept(TMA=False) == [plain]
     assert kept(PRECISION="ieee") == [ta._IEEE_CONFIG]
