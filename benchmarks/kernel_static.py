@@ -63,7 +63,7 @@ class _Sm90Driver:
 
 
 @dataclass
-class Compiled:
+class KernelConfig:
     """One compiled config of one kernel, as a launch in ``case`` compiled it."""
     case: str
     kernel: str
@@ -71,6 +71,10 @@ class Compiled:
     num_warps: int
     num_stages: int
     shared: int
+
+
+@dataclass
+class Compiled(KernelConfig):
     ptx: str = field(repr=False)
     cubin: bytes = field(repr=False)
 
@@ -276,13 +280,7 @@ def main_loops(instructions):
 
 
 @dataclass
-class Report:
-    case: str
-    kernel: str
-    config: str
-    num_warps: int
-    num_stages: int
-    shared: int
+class Report(KernelConfig):
     registers: int
     spill_stores: int
     spill_loads: int
