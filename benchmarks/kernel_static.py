@@ -82,10 +82,10 @@ class Compiled(KernelConfig):
 @contextlib.contextmanager
 def compile_only(module, kernel_names, space=None):
     """Within the block, ``module.<kernel>[grid](...)`` compiles (for sm_90) instead of launching; the
-    compiled kernels are appended to the yielded list as (kernel name, "BLOCK_MxBLOCK_N", CompiledKernel). ``space``:
-    {kernel name: configs} to compile instead of the kernel's own autotune configs."""
+    compiled kernels are appended to the yielded list as (kernel name, "BLOCK_MxBLOCK_N", CompiledKernel).
+    ``space``: {kernel name: configs} to compile instead of the kernel's own autotune configs."""
     from triton.runtime import driver
-    compiled, originals = [], {}
+    compiled, originals, own_configs = [], {}, {}
 
     class _CompileOnly:
         def __init__(self, name, kernel):
@@ -114,16 +114,14 @@ def compile_only(module, kernel_names, space=None):
     try:
         for name in kernel_names:
             kernel = originals[name] = getattr(module, name)
-            saved_configs = getattr(kernel, "configs", None)
             if space and name in space:
-                kernel.configs = space[name]
+                own_configs[name], kernel.configs = kernel.configs, space[name]
             setattr(module, name, _CompileOnly(name, kernel))
-            kernel._saved_configs = saved_configs
         yield compiled
     finally:
         for name, kernel in originals.items():
-            if kernel._saved_configs is not None:
-                kernel.configs = kernel._saved_configs
+            if name in own_configs:
+                kernel.configs = own_configs[name]
             setattr(module, name, kernel)
         driver._active = previous  # reset_active() would look for a real GPU driver
         module._device_has_tma = device_has_tma
@@ -322,7 +320,8 @@ def markdown(reports, command, shape, dtype):
         "these are compiler outputs, not timings.",
         "",
         "Main loop: SASS instructions per iteration of the smallest innermost loop with HGMMA (the unmasked "
-        "loop); all loops: every such loop. Spills in loops: LDL/STL inside those loops. Cases: fwd = flash_attn_func (causal); ring-fwd / bwd = a causal ring step "
+        "loop); all loops: every such loop. Spills in loops: LDL/STL inside those loops. "
+        "Cases: fwd = flash_attn_func (causal); ring-fwd / bwd = a causal ring step "
         "(fused merge / accumulation); ring-fwd-full = a ring step with every key visible (FULL variant); "
         "varlen = packed sequences; -pointer = without TMA (inputs TMA cannot read).",
         "",

@@ -87,7 +87,8 @@ def test_tma_where_the_launcher_turns_it_on(bf16_reports):
             assert r["tma_loads"] > 0, f"{label(r)}: no cp.async.bulk.tensor load"
 
 
-@pytest.mark.parametrize("dtype,shape", [("fp16", ["2", "1024", "8", "2", "96"]), ("fp32", ["2", "1024", "8", "2", "64"])])
+@pytest.mark.parametrize("dtype,shape", [("fp16", ["2", "1024", "8", "2", "96"]),
+                                         ("fp32", ["2", "1024", "8", "2", "64"])])
 def test_other_dtypes_compile_and_fit(tmp_path, dtype, shape):
     """fp16 with a padded head dim (96 -> 128) and the float32 (IEEE) path: compile and fit."""
     reports = compile_reports(tmp_path, "--dtype", dtype, "--shape", *shape, "--cases", "ring-fwd", "bwd")
