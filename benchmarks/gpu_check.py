@@ -1,4 +1,5 @@
-"""Every pending GPU figure in one command, on one CUDA GPU, in one process tree, within about 8 minutes.
+"""The pending kernel, ring-simulation and demo GPU figures in one command, on one CUDA GPU, in one process
+tree, within about 8 minutes (estimated).
 
     python -m benchmarks.gpu_check                 # on the GPU box (``make gpu-check``): results in benchmarks/results/
     python -m benchmarks.gpu_check --dry-run       # the same stages on CPU with tiny shapes (CI): into a temp dir
@@ -26,8 +27,8 @@ alone on the GPU:
 
 How the stages were sized (estimates for an H200 with a cold compile cache: nothing was run on a GPU yet).
 Compiling dominates: every (dtype, head dim, specialisation) of our kernels autotunes its whole config space
-for each of fwd, dK/dV and dQ (up to 16 configs each when this was written), about 2-5 s of compile per
-config (5-8 s for the largest tiles on a 2-core CPU here), i.e. up to 1.5-3 minutes per family if done
+for each of fwd, dK/dV and dQ (16 configs each when this was sized; 3-4 kept configs since), about 2-5 s of
+compile per config (5-8 s for the largest tiles on a 2-core CPU here), i.e. up to 1.5-3 minutes per family if done
 serially; FlexAttention compiles once per shape. Hence phase 1: the compiles of all families
 run at once on the 16 cores (xdist workers for the tests), about 2-4 minutes. Phase 2 then measures:
 kernel-hd128 ~ 5 providers x 10 shapes x (fwd + bwd + fwd+bwd) x 13 calls at batch 4, 32 heads: the 16K
@@ -321,7 +322,8 @@ def build_stages(slug, out_dir, logs_dir, scratch, dry_run, cpu_count=None):
                   *demo_args, "--json", f"{out}/demo_{slug}.json"),
               60, 30, f"demo_{slug}.json"),
         kernel_stage(128, 120, 60),
-        Stage("ring-sim", 2, "simulated ring, " + ("w=2, tiny" if dry_run else "w=8, Llama-3-8B heads, 4K tokens per rank"),
+        Stage("ring-sim", 2,
+              "simulated ring, " + ("w=2, tiny" if dry_run else "w=8, Llama-3-8B heads, 4K tokens per rank"),
               _py("-m", "benchmarks.ring_sim", *device, *ring_args, "--out-dir", out),
               90, 45, f"ring_sim_{ring_tag}.md"),
         kernel_stage(64, 90, 45),
