@@ -212,6 +212,26 @@ def compile_cases(shape, dtype, space=None, only=None):
     return records
 
 
+def _case_reports(shape, dtype, space_name, case):
+    """Compiles and analyses one case (in a worker process: cases compile in parallel)."""
+    space = candidate_space() if space_name == "candidates" else None
+    return [analyse(r) for r in compile_cases(shape, dtype, space, [case])]
+
+
+def run_cases(shape, dtype, space_name="kept", only=None, jobs=1):
+    """``Report`` s of every selected case, in case order; ``jobs`` worker processes compile cases side by
+    side (Triton compiles one kernel on one core)."""
+    names = [name for name, _ in cases(shape, dtype) if only is None or name in only]
+    if jobs <= 1:
+        return [r for name in progress(names, "compile + analyse")
+                for r in _case_reports(shape, dtype, space_name, name)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_case_reports, shape, dtype, space_name, name) for name in names]
+        return [r for future in progress(futures, "compile + analyse") for r in future.result()]
+
+
 # ------------------------------------------------------------------------------------------ analysis
 
 def _nvidia_tool(name):
@@ -355,6 +375,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--cases", nargs="+", default=None,
                    help="fwd ring-fwd ring-fwd-full bwd varlen fwd-pointer bwd-pointer (default: all)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="cases compiled side by side")
     p.add_argument("--out-dir", default=str(RESULTS_DIR))
     p.add_argument("--json", action="store_true", help="print the reports as one JSON line at the end")
     return p.parse_args(argv)
@@ -365,9 +386,7 @@ def main(argv=None):
         sys.exit("kernel_static: unset TRITON_INTERPRET (nothing is compiled under the interpreter)")
     args = parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    space = candidate_space() if args.space == "candidates" else None
-    records = compile_cases(tuple(args.shape), dtype, space, args.cases)
-    reports = [analyse(r) for r in progress(records, "ptxas + SASS")]
+    reports = run_cases(tuple(args.shape), dtype, args.space, args.cases, args.jobs)
     command = "python -m benchmarks.kernel_static " + " ".join(argv if argv is not None else sys.argv[1:])
     text = markdown(reports, command.strip(), tuple(args.shape), args.dtype)
     stem = "kernel_static_sm90" + ("_candidates" if args.space == "candidates" else "")
