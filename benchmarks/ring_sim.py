@@ -190,10 +190,10 @@ class _Timer:
         self.cuda, self.reps, self.warmup = device.type == "cuda", reps, warmup
 
     def __call__(self, fn, accumulators=()):
-        saved = [t.clone() for t in accumulators] if self.warmup + self.reps > 1 else None
+        saved = [t.clone() for t in accumulators]
 
         def restore():
-            for tensor, copy in zip(accumulators, saved or ()):
+            for tensor, copy in zip(accumulators, saved):
                 tensor.copy_(copy)
 
         for _ in range(self.warmup):

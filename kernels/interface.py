@@ -71,9 +71,9 @@ def flash_attn_forward(q, k, v, softmax_scale, causal, q_offset=0, k_offset=0, q
         q, k, v, softmax_scale, causal, q_offset, k_offset, q_stride, k_stride, window, backend)
     accumulate = check_accumulate(accumulate, ("out", "lse"), q, (q.shape, (batch, nheads, seqlen_q)))
     out_dtype = q.dtype if out_dtype is None else out_dtype
-    if accumulate is not None and (seqlen_q == 0 or seqlen_k == 0):
-        return accumulate
     if seqlen_q == 0 or seqlen_k == 0:
+        if accumulate is not None:
+            return accumulate
         out = torch.zeros(q.shape, dtype=out_dtype, device=q.device)
         return out, torch.full((batch, nheads, seqlen_q), float("-inf"), device=q.device)
     out, lse = module.forward(q, k, v, scale, qpos, kpos, *band, out_dtype, accumulate)

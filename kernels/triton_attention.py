@@ -614,16 +614,26 @@ def _dot_precision(dtype):
     return "emulate-bf16" if INTERPRET and dtype == torch.bfloat16 else "tf32"
 
 
-def _meta(q, k, accumulate, *streamed):
+def _block_d(headdim):
+    """The head dim padded to a power of two (at least 16) for the tiles."""
+    return max(16, triton.next_power_of_2(headdim))
+
+
+def _meta(q, accumulate, *streamed):
+    """The constexprs every attention kernel takes; ``streamed``: the tensors its loops read tile by tile."""
     headdim = q.shape[-1]
-    return dict(HEAD_DIM=headdim, BLOCK_D=max(16, triton.next_power_of_2(headdim)),
-                PRECISION=_dot_precision(q.dtype), ACCUMULATE=accumulate, TMA=_tma_ok(*streamed))
+    return dict(HEAD_DIM=headdim, BLOCK_D=_block_d(headdim), PRECISION=_dot_precision(q.dtype),
+                ACCUMULATE=accumulate, TMA=_tma_ok(*streamed))
 
 
 # TMA tensor descriptors (Hopper+) for the tiles the loops stream: Triton >= 3.4 has them; the interpreter of
 # Triton 3.9 runs them too. DIST_ATTN_TMA=0 keeps every load on the pointer path (for A/B measurements).
 TMA_SUPPORTED = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
 USE_TMA = TMA_SUPPORTED and os.environ.get("DIST_ATTN_TMA", "1") != "0"
+try:  # the allocator Triton holds now, to leave one the caller installed in place
+    from triton.runtime._allocation import NullAllocator as _NullAllocator, _allocator as _ALLOCATOR
+except ImportError:
+    _NullAllocator, _ALLOCATOR = None, None
 
 
 def _tma_ok(*tensors):
@@ -657,14 +667,8 @@ def _set_tma_allocator():
     """Installs ``_tma_scratch`` unless the caller installed an allocator of their own. Triton keeps the
     allocator in a context variable, so this runs on every launch (autograd runs the backward on another
     thread)."""
-    if INTERPRET:
+    if INTERPRET or (_ALLOCATOR is not None and not isinstance(_ALLOCATOR.get(), _NullAllocator)):
         return
-    try:
-        from triton.runtime._allocation import NullAllocator, _allocator
-        if not isinstance(_allocator.get(), NullAllocator):
-            return
-    except ImportError:
-        pass
     triton.set_allocator(_tma_scratch)
 
 
@@ -694,7 +698,7 @@ def forward(q, k, v, scale, qpos: Positions, kpos: Positions, below, above, out_
         seqlen_q, seqlen_k, nheads, nheads // nheads_kv,
         qpos.offset, qpos.stride, kpos.offset, kpos.stride, below, above, scale * LOG2E,
         _seqlen_bucket(max(seqlen_q, seqlen_k)), VARLEN=False, FULL=_all_visible(qpos, kpos, below, above),
-        **_meta(q, k, accumulate is not None, k, v))
+        **_meta(q, accumulate is not None, k, v))
     return (out, lse) if accumulate is not None else (out.to(out_dtype), lse)
 
 
@@ -706,7 +710,7 @@ def backward(dout, q, k, v, out, lse, scale, qpos: Positions, kpos: Positions, b
     delta = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
     _bwd_preprocess[(triton.cdiv(seqlen_q, 64), batch * nheads)](
         out, dout, delta, *out.stride(), *dout.stride(), seqlen_q, nheads,
-        HEAD_DIM=headdim, BLOCK_D=max(16, triton.next_power_of_2(headdim)), BLOCK_M=64)
+        HEAD_DIM=headdim, BLOCK_D=_block_d(headdim), BLOCK_M=64)
     if accumulate is not None:
         dq, dk, dv = accumulate
     else:
@@ -719,10 +723,10 @@ def backward(dout, q, k, v, out, lse, scale, qpos: Positions, kpos: Positions, b
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride())
     _bwd_dkdv[lambda m: (triton.cdiv(seqlen_k, m["BLOCK_N"]), batch * nheads_kv)](
         q, k, v, dout, lse, delta, dk, dv, None, *strides, *dk.stride(), *dv.stride(), *common, VARLEN=False,
-        **_meta(q, k, accumulate is not None, q, dout))
+        **_meta(q, accumulate is not None, q, dout))
     _bwd_dq[lambda m: (triton.cdiv(seqlen_q, m["BLOCK_M"]), batch * nheads)](
         q, k, v, dout, lse, delta, dq, None, *strides, *dq.stride(), *common, VARLEN=False,
-        **_meta(q, k, accumulate is not None, k, v))
+        **_meta(q, accumulate is not None, k, v))
     return dq, dk, dv
 
 
@@ -757,7 +761,7 @@ def forward_varlen(q, k, v, scale, pairs, out, lse, accumulate=False):
         q, k, v, kernel_out, lse, table, *_packed_strides(q), *_packed_strides(k), *_packed_strides(v),
         *_packed_strides(kernel_out), *_packed_strides(lse), max_q, max_k, nheads, nheads // nheads_kv,
         0, pairs[0].q.stride, 0, pairs[0].k.stride, 0, 0, scale * LOG2E,  # per pair: from the table
-        _seqlen_bucket(max(max_q, max_k)), VARLEN=True, FULL=False, **_meta(q, k, accumulate, k, v))
+        _seqlen_bucket(max(max_q, max_k)), VARLEN=True, FULL=False, **_meta(q, accumulate, k, v))
     if kernel_out is not out:
         rows = torch.cat([torch.arange(p.q_start, p.q_start + p.q.length) for p in pairs])
         out[rows] = kernel_out[rows].to(out.dtype)
@@ -774,7 +778,7 @@ def backward_varlen(dout, q, k, v, out, lse, scale, pairs, dq, dk, dv, accumulat
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
     _bwd_preprocess[(triton.cdiv(total_q, 64), nheads)](
         out, dout, delta, *_packed_strides(out), *_packed_strides(dout), total_q, nheads,
-        HEAD_DIM=headdim, BLOCK_D=max(16, triton.next_power_of_2(headdim)), BLOCK_M=64)
+        HEAD_DIM=headdim, BLOCK_D=_block_d(headdim), BLOCK_M=64)
     common = (max_q, max_k, nheads, nheads // nheads_kv,
               0, pairs[0].q.stride, 0, pairs[0].k.stride, 0, 0, scale * LOG2E, scale,  # per pair: from the table
               _seqlen_bucket(max(max_q, max_k)))
@@ -782,7 +786,7 @@ def backward_varlen(dout, q, k, v, out, lse, scale, pairs, dq, dk, dv, accumulat
                *_packed_strides(lse))
     _bwd_dkdv[lambda m: (triton.cdiv(max_k, m["BLOCK_N"]), len(pairs) * nheads_kv)](
         q, k, v, dout, lse, delta, dk, dv, table, *strides, *_packed_strides(dk), *_packed_strides(dv), *common,
-        VARLEN=True, **_meta(q, k, accumulate, q, dout))
+        VARLEN=True, **_meta(q, accumulate, q, dout))
     _bwd_dq[lambda m: (triton.cdiv(max_q, m["BLOCK_M"]), len(pairs) * nheads)](
         q, k, v, dout, lse, delta, dq, table, *strides, *_packed_strides(dq), *common, VARLEN=True,
-        **_meta(q, k, accumulate, k, v))
+        **_meta(q, accumulate, k, v))
