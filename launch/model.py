@@ -18,6 +18,7 @@ import torch.nn as nn
 from einops import rearrange
 
 from dist_attn import ring_attention
+from dist_attn.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 ROPE_THETA = 10_000.0
 
@@ -30,9 +31,10 @@ def rope_angles(positions, headdim):
 
 
 def apply_rope(x, cos, sin):
-    """Rotates the two halves of every head of x (B, T, nh, hs) as the real and imaginary parts."""
+    """Rotates the two halves of every head of x (B, T, nh, hs) as the real and imaginary parts, in float32
+    (cos and sin are float32), returned in x's dtype (bf16 q and k stay bf16, as v is)."""
     x1, x2 = x.chunk(2, dim=-1)  # (B, T, nh, hs/2) each
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
 
 def ring_self_attention(q, k, v, layout, group):
@@ -89,3 +91,63 @@ class Transformer(nn.Module):
         for block in self.blocks:
             x = block(x, rope, layout, group)
         return self.head(self.norm(x))  # (B, T, vocab)
+
+
+# ------------------------------------------------------------------------------- pipeline and tensor parallel
+
+class EmbedStage(nn.Module):
+    """The first pipeline layer: (ids (B, T), positions (T,)) -> (hidden (B, T, C), positions)."""
+
+    def __init__(self, embed):
+        super().__init__()
+        self.embed = embed
+
+    def forward(self, inputs):
+        ids, positions = inputs
+        return self.embed(ids), positions
+
+
+class BlockStage(nn.Module):
+    """One transformer block as a pipeline layer: (hidden, positions) -> (hidden, positions); RoPE from the
+    global positions every stage receives with the activations."""
+
+    def __init__(self, block, headdim, layout, group):
+        super().__init__()
+        self.block, self.headdim, self.layout, self.group = block, headdim, layout, group
+
+    def forward(self, inputs):
+        x, positions = inputs
+        return self.block(x, rope_angles(positions, self.headdim), self.layout, self.group), positions
+
+
+class HeadStage(nn.Module):
+    """The last pipeline layer: (hidden, positions) -> logits (B, T, vocab)."""
+
+    def __init__(self, norm, head):
+        super().__init__()
+        self.norm, self.head = norm, head
+
+    def forward(self, inputs):
+        x, _ = inputs
+        return self.head(self.norm(x))
+
+
+def pipeline_layers(model: Transformer, layout="zigzag", group=None) -> list[nn.Module]:
+    """``model`` as a list of pipeline layers (embedding, every block, norm + head) computing the same
+    function as ``model(ids, positions, layout, group)``, sharing its parameters."""
+    return ([EmbedStage(model.embed)] + [BlockStage(block, model.headdim, layout, group) for block in model.blocks]
+            + [HeadStage(model.norm, model.head)])
+
+
+def tensor_parallel_(model: Transformer, group) -> Transformer:
+    """Splits every block of ``model`` (in place) over the tensor ranks of ``group``, Megatron-style: q, k/v
+    and the MLP's first projection column-parallel (whole heads per rank), the attention output and the
+    MLP's second projection row-parallel. Each rank's attention then runs over its own heads. Returns model."""
+    for block in model.blocks:
+        attn = block.attn
+        attn.wq = ColumnParallelLinear.from_linear(attn.wq, group)
+        attn.wkv = ColumnParallelLinear.from_linear(attn.wkv, group, parts=2)  # k and v: "(two h d)"
+        attn.wo = RowParallelLinear.from_linear(attn.wo, group)
+        block.mlp[0] = ColumnParallelLinear.from_linear(block.mlp[0], group)
+        block.mlp[2] = RowParallelLinear.from_linear(block.mlp[2], group)
+    return model

@@ -81,39 +81,50 @@ class DeepSpeedTrainConfig(TrainConfig):
                              f"({self.ulysses}): DeepSpeed-Ulysses gives every rank heads / ulysses of each")
         load_ds_config(self)  # a missing or contradicting file is a configuration error too
 
+    def ds_settings(self, world_size=None) -> dict:
+        """The DeepSpeed config entries this command line decides (batch entries only with ``world_size``)."""
+        wanted = {"gradient_accumulation_steps": 1, "gradient_clipping": self.grad_clip}
+        if world_size is not None:
+            dp = world_size // self.sp
+            wanted |= {"train_batch_size": self.batch, "train_micro_batch_size_per_gpu": self.batch // dp}
+        return wanted
+
 
 def load_ds_config(cfg: DeepSpeedTrainConfig, world_size: int | None = None) -> dict:
-    """The DeepSpeed config file with batch size, accumulation and clipping filled in from ``cfg``
-    (ValueError when the file sets them to something else). Without ``world_size`` only the clipping
-    and accumulation are checked."""
+    """The DeepSpeed config file with the entries ``cfg.ds_settings`` decides filled in (ValueError when the
+    file sets them to something else). Without ``world_size`` the batch entries are not checked."""
     try:
         ds = json.loads(Path(cfg.deepspeed).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"cannot read the DeepSpeed config {cfg.deepspeed!r}: {error}") from None
     if not isinstance(ds, dict):
         raise ValueError(f"the DeepSpeed config {cfg.deepspeed!r} must hold a JSON object")
-    wanted = {"gradient_accumulation_steps": 1, "gradient_clipping": cfg.grad_clip}
-    if world_size is not None:
-        dp = world_size // cfg.sp
-        wanted |= {"train_batch_size": cfg.batch, "train_micro_batch_size_per_gpu": cfg.batch // dp}
-    for key, value in wanted.items():
+    for key, value in cfg.ds_settings(world_size).items():
         if key in ds and ds[key] != value:
-            raise ValueError(f"{cfg.deepspeed}: {key} is {ds[key]!r} but this run needs {value!r} (from --batch, "
-                             f"--grad-clip and the world size); remove it from the file")
+            raise ValueError(f"{cfg.deepspeed}: {key} is {ds[key]!r} but this run needs {value!r} (from the command "
+                             f"line and the world size); remove it from the file")
         ds[key] = value
     return ds
 
 
-def parse_config(argv, rank, world_size) -> DeepSpeedTrainConfig:
-    """The validated config; a bad one exits (code 2) with one line on rank 0's stderr, silently elsewhere."""
-    parser = argparse.ArgumentParser(prog="launch.train_deepspeed", description=__doc__.split("\n\n")[0])
-    docs = field_docs(TrainConfig) | field_docs(DeepSpeedTrainConfig)
-    for field in dataclasses.fields(DeepSpeedTrainConfig):
+def parse_config(argv, rank, world_size, config_class=None, prog="launch.train_deepspeed",
+                 description=__doc__) -> DeepSpeedTrainConfig:
+    """The validated ``config_class`` (default DeepSpeedTrainConfig); a bad one exits (code 2) with one line on
+    rank 0's stderr, silently elsewhere."""
+    config_class = config_class or DeepSpeedTrainConfig
+    parser = argparse.ArgumentParser(prog=prog, description=description.split("\n\n")[0])
+    docs = {}
+    for cls in reversed(config_class.__mro__[:-1]):  # TrainConfig first, then every subclass's fields
+        docs |= field_docs(cls)
+    for field in dataclasses.fields(config_class):
         if field.name in EXCLUDED:
             continue
-        kind = str if field.default is None else type(field.default)
         flags = [f"--{field.name.replace('_', '-')}"] + (["--deepspeed_config", "--deepspeed-config"]
                                                          if field.name == "deepspeed" else [])
+        if isinstance(field.default, bool):  # a switch: argparse's type=bool would take "False" as true
+            parser.add_argument(*flags, dest=field.name, action="store_true", help=docs[field.name])
+            continue
+        kind = str if field.default is None else type(field.default)
         parser.add_argument(*flags, dest=field.name, type=kind, default=field.default, help=docs[field.name])
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher; ignored (LOCAL_RANK is used)")
@@ -121,7 +132,7 @@ def parse_config(argv, rank, world_size) -> DeepSpeedTrainConfig:
         args = vars(parser.parse_args(argv))
         args.pop("local_rank")
         try:
-            cfg = DeepSpeedTrainConfig(**args)
+            cfg = config_class(**args)
             cfg.check_world(world_size)
             load_ds_config(cfg, world_size)
         except ValueError as error:

@@ -152,3 +152,13 @@ def shard_batch(batch: dict, groups, layout="zigzag", dim=1, keys=SEQUENCE_KEYS)
         local_len = out[seq_entries[0]].shape[dim]
         out["position_ids"] = usp_positions(layout, *coords, local_len, device=batch[seq_entries[0]].device)
     return out
+
+
+def __getattr__(name):
+    """``SequenceParallelPipelineModule`` and ``check_pipeline_config`` live in ``deepspeed_pipeline`` (it
+    imports DeepSpeed's pipeline engine at import time); they are reachable from here too."""
+    if name in ("SequenceParallelPipelineModule", "check_pipeline_config"):
+        from dist_attn.integrations import deepspeed_pipeline
+
+        return getattr(deepspeed_pipeline, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
