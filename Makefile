@@ -35,7 +35,7 @@ demo: install
 	$(PY) -m launch.demo
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 gpu-check:
 	@py="$(GPU_CHECK_PYTHON)"; \
