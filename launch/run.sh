@@ -11,7 +11,7 @@
 # comma-separated local ranks [0], PYTHON [python].
 set -euo pipefail
 if [ $# -lt 1 ]; then
-    echo "usage: launch/run.sh MODULE [ARGS...]   (MODULE: launch.demo or launch.train)" >&2
+    echo "usage: launch/run.sh MODULE [ARGS...]   (MODULE: launch.demo, launch.train, launch.train_deepspeed or launch.train_pipeline)" >&2
     exit 2
 fi
 MODULE=$1

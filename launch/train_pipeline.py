@@ -68,15 +68,14 @@ class PipelineTrainConfig(DeepSpeedTrainConfig):
                 raise ValueError(f"{name} must be an int >= 1; got {value!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {self.dtype!r}")
+        super().__post_init__()  # the model, Ulysses and ring checks
         if self.heads % self.tensor or self.kv_heads % self.tensor:
             raise ValueError(f"heads ({self.heads}) and kv_heads ({self.kv_heads}) must be multiples of tensor "
                              f"({self.tensor}): every tensor rank takes whole heads")
         local_heads, local_kv_heads = self.heads // self.tensor, self.kv_heads // self.tensor
-        ulysses = self.ulysses if isinstance(self.ulysses, int) and self.ulysses >= 1 else 1
-        if local_heads % ulysses or local_kv_heads % ulysses:
+        if local_heads % self.ulysses or local_kv_heads % self.ulysses:
             raise ValueError(f"heads / tensor ({local_heads}) and kv_heads / tensor ({local_kv_heads}) must be "
                              f"multiples of ulysses ({self.ulysses})")
-        super().__post_init__()
 
     def data_parallel(self, world_size) -> int:
         return world_size // (self.pipeline * self.sp * self.tensor)

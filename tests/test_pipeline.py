@@ -227,12 +227,14 @@ def refusal(**changes):
     (dict(config={"zero_optimization": {"stage": 3}}, groups=groups_stub(sp_size=1)), ["stage is 3"]),
     (dict(config=ZERO1 | {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}}),
      ["data_types.grad_accum_dtype", "BF16_Optimizer"]),
+    (dict(config=ZERO1 | {"bfloat16": {"enabled": True}, "data_types": {"grad_accum_dtype": "float32"}}),
+     ["data_types.grad_accum_dtype", "BF16_Optimizer"]),
     (dict(config="/nonexistent/ds.json"), ["config", "/nonexistent/ds.json"]),
     (dict(config=3), ["config must be a DeepSpeed config dict"]),
     (dict(num_stages=2), ["num_stages", "from groups"]),
     (dict(topology="pipe"), ["topology", "from groups"]),
     (dict(groups="world"), ["groups must be a dist_attn.groups.SequenceParallelGroups", "str"]),
-], ids=["tied", "zero0", "zero_default", "zero2", "zero3", "bf16_optimizer", "missing_file", "config_type",
+], ids=["tied", "zero0", "zero_default", "zero2", "zero3", "bf16_optimizer", "bfloat16_optimizer", "missing_file", "config_type",
         "num_stages", "topology", "groups"])
 def test_silently_wrong_settings_are_refused(changes, words):
     message = refusal(**changes)
@@ -248,3 +250,25 @@ def test_allowed_settings_pass_the_check():
     assert check_pipeline_config({"zero_optimization": {"stage": 0}}, no_sp)
     bf16 = ZERO1 | {"bf16": {"enabled": True}}  # bf16 with ZeRO-1's own fp32 master weights
     assert check_pipeline_config(bf16, groups_stub()) == bf16
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--tensor", "3"], ["heads (4)", "multiples of tensor (3)"]),
+    (["--tensor", "2", "--ulysses", "2"], ["kv_heads / tensor (1)", "multiples of ulysses (2)"]),
+    (["--pipeline", "3"], ["= 3) must divide the world size (4)"]),
+    (["--pipeline", "2", "--micro-batches", "3"], ["batch (4)", "data parallel x micro_batches (2 x 3)"]),
+    (["--dtype", "fp16"], ["dtype must be one of ['bf16', 'fp32']"]),
+    (["--micro-batches", "0"], ["micro_batches must be an int >= 1; got 0"]),
+], ids=["tensor", "tensor_ulysses", "pipeline", "micro_batches", "dtype", "zero_micro_batches"])
+def test_bad_command_lines_exit_before_any_group(argv, words):
+    """launch.train_pipeline's configuration errors: exit code 2 and one line naming the option, decided from
+    the world size alone (no process group exists yet)."""
+    from launch import train_pipeline
+    from launch.train_deepspeed import parse_config
+
+    stderr = io.StringIO()
+    with pytest.raises(SystemExit) as exit, contextlib.redirect_stderr(stderr):
+        parse_config(COMMON + argv, 0, 4, train_pipeline.PipelineTrainConfig, "launch.train_pipeline")
+    assert exit.value.code == 2
+    for word in words:
+        assert word in stderr.getvalue(), (word, stderr.getvalue())
