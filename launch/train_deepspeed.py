@@ -188,49 +188,66 @@ def ensure_world_env():
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-def train(cfg, groups, device, rank) -> DeepSpeedTrainResult:
+def initialize_engine(cfg, model, **initialize_kwargs):
+    """``deepspeed.initialize`` with ``launch.train``'s AdamW and learning rate (the lr of step i + 1 after i
+    scheduler steps), resumed from ``cfg.resume`` when given. Returns (engine, the last step already taken)."""
     import deepspeed
 
-    world_size = dist.get_world_size()
-    model = build_model(cfg, groups, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731; lr of step i + 1, like launch.train
+    schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
         opt, lambda i: learning_rate(cfg, i + 1) / cfg.lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                           config=load_ds_config(cfg, world_size), mpu=groups.mpu)
-    start = 0
-    if cfg.resume:
-        path, client_state = engine.load_checkpoint(cfg.resume)
-        if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {cfg.resume}")
-        start = client_state["step"]
+                                           **initialize_kwargs)
+    if not cfg.resume:
+        return engine, 0
+    path, client_state = engine.load_checkpoint(cfg.resume)
+    if path is None:
+        raise FileNotFoundError(f"no DeepSpeed checkpoint under {cfg.resume}")
+    return engine, client_state["step"]
+
+
+def run_steps(cfg, engine, start, rank, take_step, header) -> tuple[list[float], list[float]]:
+    """Steps ``start + 1 .. cfg.steps``: ``take_step(step)`` trains one and returns the global loss; then the
+    gradient norm DeepSpeed computed (before clipping), a log line every ``log_every`` steps, checkpoints.
+    Rank 0 prints ``header`` first and shows a progress bar. Returns (losses, grad norms)."""
     log = tqdm.write if rank == 0 else (lambda line: None)
-    log(f"ZeRO stage {engine.zero_optimization_stage()}; dp {groups.dp_size} x ulysses {cfg.ulysses} x ring "
-        f"{cfg.ring} ({cfg.layout}) on {device}; {sum(p.numel() for p in model.parameters()):,} parameters; "
-        f"steps {start + 1}..{cfg.steps}, {cfg.batch} x {cfg.seqlen} tokens each")
+    log(f"{header}; steps {start + 1}..{cfg.steps}, {cfg.batch} x {cfg.seqlen} tokens each")
     losses, grad_norms, tokens_per_step = [], [], cfg.batch * cfg.seqlen
     window_start, window_steps = time.perf_counter(), 0
     for step in tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=rank != 0,
                      desc="train", unit="step"):
+        losses.append(take_step(step))
+        grad_norm = engine.get_global_grad_norm()
+        grad_norms.append(float(grad_norm) if grad_norm is not None else float("nan"))
+        window_steps += 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            elapsed = time.perf_counter() - window_start
+            log(f"step {step:>6} | loss {losses[-1]:.4f} | grad norm {grad_norms[-1]:.4f} | lr "
+                f"{learning_rate(cfg, step):.2e} | {window_steps * tokens_per_step / elapsed:,.0f} tok/s (all ranks)")
+            window_start, window_steps = time.perf_counter(), 0
+        if cfg.save and (step == cfg.steps or cfg.save_every and step % cfg.save_every == 0):
+            engine.save_checkpoint(cfg.save, tag=f"step{step}", client_state={"step": step})  # collective
+    return losses, grad_norms
+
+
+def train(cfg, groups, device, rank) -> DeepSpeedTrainResult:
+    model = build_model(cfg, groups, device)
+    engine, start = initialize_engine(cfg, model, config=load_ds_config(cfg, dist.get_world_size()), mpu=groups.mpu)
+
+    def take_step(step):
         ids, labels, positions, n_answers = replica_batch(cfg, step, groups, device)
         logits = engine(ids, positions, layout=cfg.layout)  # (B, T_local, vocab)
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
                                reduction="sum") / n_answers
         engine.backward(loss)
         engine.step()
-        grad_norm = engine.get_global_grad_norm()
-        grad_norms.append(float(grad_norm) if grad_norm is not None else float("nan"))
         reported = loss.detach().clone()
         dist.all_reduce(reported, group=groups.sp_dp_group)  # SP sum of each replica, summed over replicas
-        losses.append(reported.item() / groups.dp_size)
-        window_steps += 1
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            elapsed = time.perf_counter() - window_start
-            log(f"step {step:>6} | loss {losses[-1]:.4f} | lr {learning_rate(cfg, step):.2e} | "
-                f"{window_steps * tokens_per_step / elapsed:,.0f} tok/s (all ranks)")
-            window_start, window_steps = time.perf_counter(), 0
-        if cfg.save and (step == cfg.steps or cfg.save_every and step % cfg.save_every == 0):
-            engine.save_checkpoint(cfg.save, tag=f"step{step}", client_state={"step": step})  # collective
+        return reported.item() / groups.dp_size
+
+    header = (f"ZeRO stage {engine.zero_optimization_stage()}; dp {groups.dp_size} x ulysses {cfg.ulysses} x ring "
+              f"{cfg.ring} ({cfg.layout}) on {device}; {sum(p.numel() for p in model.parameters()):,} parameters")
+    losses, grad_norms = run_steps(cfg, engine, start, rank, take_step, header)
     checksum = sum(p.detach().double().sum().item() for p in engine.module.parameters())
     return DeepSpeedTrainResult(losses, checksum, grad_norms)
 

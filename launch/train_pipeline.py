@@ -30,17 +30,16 @@ rank; optimizer partitions per rank); a resumed run continues bit for bit on the
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from launch.model import Transformer, pipeline_layers, tensor_parallel_
-from launch.train import IGNORE, init_distributed, launch_world, learning_rate, make_sequence, pick_device
-from launch.train_deepspeed import REPO, DeepSpeedTrainConfig, ensure_world_env, load_ds_config, parse_config
+from launch.train import IGNORE, init_distributed, launch_world, make_sequence, pick_device
+from launch.train_deepspeed import REPO, DeepSpeedTrainConfig, ensure_world_env, initialize_engine, \
+    load_ds_config, parse_config, run_steps
 
 DEFAULT_PIPELINE_CONFIG = str(REPO / "launch" / "ds_pipeline.json")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -172,41 +171,16 @@ def model_checksum(module, groups) -> float:
 
 
 def train(cfg, groups, device, rank) -> PipelineTrainResult:
-    import deepspeed
-
     module = build_module(cfg, groups, device)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=0.0)
-    schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731; lr of step i + 1, like launch.train
-        opt, lambda i: learning_rate(cfg, i + 1) / cfg.lr)
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule,
-                                           config=module.ds_config)
-    start = 0
-    if cfg.resume:
-        path, client_state = engine.load_checkpoint(cfg.resume)
-        if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {cfg.resume}")
-        start = client_state["step"]
-    log = tqdm.write if rank == 0 else (lambda line: None)
-    log(f"pipeline {groups.pipe_size} x dp {groups.dp_size} x ring {cfg.ring} ({cfg.layout}) x ulysses "
-        f"{cfg.ulysses} x tensor {cfg.tensor}, ZeRO stage {engine.zero_optimization_stage()}, {cfg.dtype} on "
-        f"{device}; {cfg.micro_batches} micro-batches; steps {start + 1}..{cfg.steps}, {cfg.batch} x {cfg.seqlen} "
-        f"tokens each")
-    losses, grad_norms, tokens_per_step = [], [], cfg.batch * cfg.seqlen
-    window_start, window_steps = time.perf_counter(), 0
-    for step in tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, disable=rank != 0,
-                     desc="train", unit="step"):
-        loss = engine.train_batch(iter(micro_batches(cfg, step, groups, device)))
-        losses.append(module.global_loss(loss).item())
-        grad_norm = engine.get_global_grad_norm()
-        grad_norms.append(float(grad_norm) if grad_norm is not None else float("nan"))
-        window_steps += 1
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            elapsed = time.perf_counter() - window_start
-            log(f"step {step:>6} | loss {losses[-1]:.4f} | grad norm {grad_norms[-1]:.4f} | lr "
-                f"{learning_rate(cfg, step):.2e} | {window_steps * tokens_per_step / elapsed:,.0f} tok/s (all ranks)")
-            window_start, window_steps = time.perf_counter(), 0
-        if cfg.save and (step == cfg.steps or cfg.save_every and step % cfg.save_every == 0):
-            engine.save_checkpoint(cfg.save, tag=f"step{step}", client_state={"step": step})  # collective
+    engine, start = initialize_engine(cfg, module, config=module.ds_config)
+
+    def take_step(step):
+        return module.global_loss(engine.train_batch(iter(micro_batches(cfg, step, groups, device)))).item()
+
+    header = (f"pipeline {groups.pipe_size} x dp {groups.dp_size} x ring {cfg.ring} ({cfg.layout}) x ulysses "
+              f"{cfg.ulysses} x tensor {cfg.tensor}, ZeRO stage {engine.zero_optimization_stage()}, {cfg.dtype} on "
+              f"{device}; {cfg.micro_batches} micro-batches")
+    losses, grad_norms = run_steps(cfg, engine, start, rank, take_step, header)
     return PipelineTrainResult(losses, model_checksum(module, groups), grad_norms)
 
 

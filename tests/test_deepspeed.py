@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from typing import NamedTuple
 
 import pytest
 import torch
@@ -27,8 +26,8 @@ import torch.distributed as dist
 pytest.importorskip("deepspeed")
 
 from attention_checks import max_error, reference_with_grads  # noqa: E402
-from launch import train  # noqa: E402
 from launch.spawn import run_world  # noqa: E402
+from train_checks import assert_close, one_process_run  # noqa: E402
 
 FWD_TOL, GRAD_TOL = 2e-5, 1e-4  # fp32 vs float64 (shared/DESIGN.md)
 PARITY_RTOL = 1e-5
@@ -209,31 +208,9 @@ def world(tmp_path_factory):
     return run_world(WORLD, run_everything, attention_cases(), runs, timeout=600, pg_timeout_s=60)
 
 
-class Single(NamedTuple):
-    losses: list[float]
-    checksum: float
-    grad_norms: list[float]  # before clipping, as clip_grad_norm_ returned them
-
-
 @pytest.fixture(scope="module")
 def single():
-    """launch.train in this process (no process group, one thread like every spawned rank), with the
-    gradient norm of every step recorded."""
-    threads, clip = torch.get_num_threads(), torch.nn.utils.clip_grad_norm_
-    norms = []
-
-    def recording_clip(*args, **kwargs):
-        norms.append(clip(*args, **kwargs).item())
-        return norms[-1]
-
-    torch.set_num_threads(1)
-    torch.nn.utils.clip_grad_norm_ = recording_clip
-    try:
-        result = train.main(["--steps", str(STEPS), "--log-every", "1000", "--device", "cpu"])
-    finally:
-        torch.set_num_threads(threads)
-        torch.nn.utils.clip_grad_norm_ = clip
-    return Single(result.losses, result.checksum, norms)
+    return one_process_run(["--steps", str(STEPS), "--log-every", "1000", "--device", "cpu"])
 
 
 CASES = attention_cases()
@@ -268,12 +245,6 @@ def test_shard_batch_follows_usp_shard(world):
             assert checks["ids"] and checks["labels"] and checks["meta"] == "kept", (rank, mesh, checks)
             assert checks["positions_are_ids"] and checks["given_positions"], (rank, mesh, checks)
             assert checks["all_positions"] == list(range(24)), (rank, mesh, checks["all_positions"])
-
-
-def assert_close(got, expected, rtol):
-    assert len(got) == len(expected), (got, expected)
-    worst = max(abs(g - e) / abs(e) for g, e in zip(got, expected))
-    assert worst <= rtol, f"relative difference {worst:.2e} > {rtol}: {got} vs {expected}"
 
 
 @pytest.mark.parametrize("name", ["zero2_u2_r2", "zero1_u2_dp2", "zero2_r2_dp2_striped", "zero1_r4"])

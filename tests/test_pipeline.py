@@ -17,7 +17,6 @@ import io
 import os
 from pathlib import Path
 from types import SimpleNamespace
-from typing import NamedTuple
 
 import pytest
 import torch
@@ -26,6 +25,7 @@ pytest.importorskip("deepspeed")
 
 from launch import train  # noqa: E402
 from launch.spawn import run_world  # noqa: E402
+from train_checks import assert_close, one_process_run  # noqa: E402
 
 STEPS = 4
 PARITY_RTOL = 1e-5
@@ -100,38 +100,9 @@ def world4(ckpt_dir):
     return run_world(4, run_training, RUNS_4, ckpt_dir, timeout=900, pg_timeout_s=60)
 
 
-class Single(NamedTuple):
-    losses: list[float]
-    checksum: float
-    grad_norms: list[float]  # before clipping, as clip_grad_norm_ returned them
-
-
 @pytest.fixture(scope="module")
 def single():
-    """launch.train in this process (no process group, one thread like every spawned rank), with the
-    gradient norm of every step recorded."""
-    threads, clip = torch.get_num_threads(), torch.nn.utils.clip_grad_norm_
-    norms = []
-
-    def recording_clip(*args, **kwargs):
-        norms.append(clip(*args, **kwargs).item())
-        return norms[-1]
-
-    torch.set_num_threads(1)
-    torch.nn.utils.clip_grad_norm_ = recording_clip
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            result = train.main(COMMON)
-    finally:
-        torch.set_num_threads(threads)
-        torch.nn.utils.clip_grad_norm_ = clip
-    return Single(result.losses, result.checksum, norms)
-
-
-def assert_close(got, expected, rtol):
-    assert len(got) == len(expected), (got, expected)
-    worst = max(abs(g - e) / abs(e) for g, e in zip(got, expected))
-    assert worst <= rtol, f"relative difference {worst:.2e} > {rtol}: {got} vs {expected}"
+    return one_process_run(COMMON)
 
 
 def check_parity(world, single, name, rtol=PARITY_RTOL):
