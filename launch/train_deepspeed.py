@@ -81,6 +81,10 @@ class DeepSpeedTrainConfig(TrainConfig):
                              f"({self.ulysses}): DeepSpeed-Ulysses gives every rank heads / ulysses of each")
         load_ds_config(self)  # a missing or contradicting file is a configuration error too
 
+    def degrees(self) -> dict:
+        """The keyword degrees of ``sequence_parallel_groups`` beyond Ulysses and ring (none here)."""
+        return {}
+
     def ds_settings(self, world_size=None) -> dict:
         """The DeepSpeed config entries this command line decides (batch entries only with ``world_size``)."""
         wanted = {"gradient_accumulation_steps": 1, "gradient_clipping": self.grad_clip}
@@ -252,9 +256,12 @@ def train(cfg, groups, device, rank) -> DeepSpeedTrainResult:
     return DeepSpeedTrainResult(losses, checksum, grad_norms)
 
 
-def main(argv=None) -> DeepSpeedTrainResult:
+def launch_main(argv, train_fn, config_class=None, prog="launch.train_deepspeed", description=__doc__):
+    """The entry point of a DeepSpeed training script: the validated config (before any process group), the
+    default group (torchrun's, the caller's, or a world of one), DeepSpeed's comm on top of it, the groups of
+    ``cfg.degrees()``, then ``train_fn(cfg, groups, device, rank)``."""
     rank, world_size = launch_world()
-    cfg = parse_config(argv, rank, world_size)  # before any process group exists
+    cfg = parse_config(argv, rank, world_size, config_class, prog, description)
     device = pick_device(cfg.device)
     ensure_world_env()
     created = init_distributed(device)
@@ -263,12 +270,16 @@ def main(argv=None) -> DeepSpeedTrainResult:
     from dist_attn.groups import sequence_parallel_groups
 
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # wraps the existing default group
-    groups = sequence_parallel_groups(cfg.ulysses, cfg.ring)
+    groups = sequence_parallel_groups(cfg.ulysses, cfg.ring, **cfg.degrees())
     try:
-        return train(cfg, groups, device, rank)
+        return train_fn(cfg, groups, device, rank)
     finally:
         if created:
             dist.destroy_process_group()
+
+
+def main(argv=None) -> DeepSpeedTrainResult:
+    return launch_main(argv, train)
 
 
 if __name__ == "__main__":

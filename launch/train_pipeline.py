@@ -37,9 +37,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from launch.model import Transformer, pipeline_layers, tensor_parallel_
-from launch.train import IGNORE, init_distributed, launch_world, make_sequence, pick_device
-from launch.train_deepspeed import REPO, DeepSpeedTrainConfig, ensure_world_env, initialize_engine, \
-    load_ds_config, parse_config, run_steps
+from launch.train import IGNORE, make_sequence
+from launch.train_deepspeed import REPO, DeepSpeedTrainConfig, initialize_engine, launch_main, load_ds_config, \
+    run_steps
 
 DEFAULT_PIPELINE_CONFIG = str(REPO / "launch" / "ds_pipeline.json")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -75,6 +75,9 @@ class PipelineTrainConfig(DeepSpeedTrainConfig):
         if local_heads % self.ulysses or local_kv_heads % self.ulysses:
             raise ValueError(f"heads / tensor ({local_heads}) and kv_heads / tensor ({local_kv_heads}) must be "
                              f"multiples of ulysses ({self.ulysses})")
+
+    def degrees(self) -> dict:
+        return {"pipeline": self.pipeline, "tensor": self.tensor}
 
     def data_parallel(self, world_size) -> int:
         return world_size // (self.pipeline * self.sp * self.tensor)
@@ -185,22 +188,7 @@ def train(cfg, groups, device, rank) -> PipelineTrainResult:
 
 
 def main(argv=None) -> PipelineTrainResult:
-    rank, world_size = launch_world()
-    cfg = parse_config(argv, rank, world_size, PipelineTrainConfig, "launch.train_pipeline", __doc__)
-    device = pick_device(cfg.device)
-    ensure_world_env()
-    created = init_distributed(device)
-
-    import deepspeed
-    from dist_attn.groups import sequence_parallel_groups
-
-    deepspeed.init_distributed(dist_backend=dist.get_backend())  # wraps the existing default group
-    groups = sequence_parallel_groups(cfg.ulysses, cfg.ring, pipeline=cfg.pipeline, tensor=cfg.tensor)
-    try:
-        return train(cfg, groups, device, rank)
-    finally:
-        if created:
-            dist.destroy_process_group()
+    return launch_main(argv, train, PipelineTrainConfig, "launch.train_pipeline", __doc__)
 
 
 if __name__ == "__main__":
