@@ -15,9 +15,10 @@ Split parameters carry DeepSpeed's and Megatron's marks (``tensor_model_parallel
 ``partition_dim``, ``partition_stride``): DeepSpeed's gradient norm then sums them over the tensor ranks and
 counts the replicated ones once (on tensor rank 0).
 
-We do not use ``torch.distributed.tensor.parallel``: its DTensor parameters do not pass through
-DeepSpeed's pipeline engine and ZeRO optimizer (flat fp32 partitions of plain tensors). megatron-core's
-layers need CUDA for their RNG tracker.
+We do not use ``torch.distributed.tensor.parallel`` (not tried): its parameters are DTensors, while
+DeepSpeed's ZeRO-1 flattens plain parameter tensors into its fp32 partitions and its pipeline engine sends
+plain tensors between stages; these layers keep plain tensors. megatron-core's layers need CUDA for their
+RNG tracker.
 """
 
 from __future__ import annotations
