@@ -68,6 +68,46 @@ def count_stage_sends():
     return per_step
 
 
+def tensor_parallel_checks(world_size):
+    """Column- then row-parallel MLP over all ranks against the unsplit one (forward, input and weight
+    gradients: max abs errors), and the errors from_linear raises."""
+    import torch.distributed as dist
+    import torch.nn as nn
+
+    from dist_attn.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    group = dist.new_group(list(range(world_size)))
+    rank = dist.get_rank(group)
+    gen = torch.Generator().manual_seed(0)
+    up, down = nn.Linear(8, 16, bias=False), nn.Linear(16, 8, bias=False)
+    with torch.no_grad():
+        up.weight.copy_(torch.randn(16, 8, generator=gen))
+        down.weight.copy_(torch.randn(8, 16, generator=gen))
+    x = torch.randn(3, 8, generator=gen, requires_grad=True)
+    dout = torch.randn(3, 8, generator=gen)
+    column, row = ColumnParallelLinear.from_linear(up, group), RowParallelLinear.from_linear(down, group)
+    x_tp = x.detach().clone().requires_grad_()
+    (down(torch.nn.functional.gelu(up(x))) * dout).sum().backward()
+    out_tp = row(torch.nn.functional.gelu(column(x_tp)))
+    (out_tp * dout).sum().backward()
+    rows = slice(rank * 16 // world_size, (rank + 1) * 16 // world_size)
+    errors = {"out": (out_tp - down(torch.nn.functional.gelu(up(x)))).abs().max().item(),
+              "dx": (x_tp.grad - x.grad).abs().max().item(),
+              "dup": (column.weight.grad - up.weight.grad[rows]).abs().max().item(),
+              "ddown": (row.weight.grad - down.weight.grad[:, rows]).abs().max().item(),
+              "marked": [column.weight.tensor_model_parallel, column.weight.partition_dim, row.weight.partition_dim]}
+    for name, make in {"bias": lambda: ColumnParallelLinear.from_linear(nn.Linear(8, 8), group),
+                       "row_bias": lambda: RowParallelLinear.from_linear(nn.Linear(8, 8), group),
+                       "split": lambda: ColumnParallelLinear.from_linear(nn.Linear(8, 6, bias=False), group),
+                       "parts": lambda: ColumnParallelLinear.from_linear(nn.Linear(8, 12, bias=False), group, 2)}.items():
+        try:
+            make()
+            errors[name] = None
+        except ValueError as error:
+            errors[name] = str(error)
+    return errors
+
+
 def run_training(rank, world_size, runs, ckpt_dir):
     os.environ["LOCAL_RANK"] = str(rank)  # DeepSpeed's engine requires it; one node
     import deepspeed
@@ -76,7 +116,7 @@ def run_training(rank, world_size, runs, ckpt_dir):
 
     deepspeed.init_distributed(dist_backend="gloo")  # wraps the group run_world created
     sends = count_stage_sends()
-    results = {}
+    results = {"tensor_parallel": tensor_parallel_checks(world_size)}
     for name, argv in runs.items():
         sends.clear()
         with contextlib.redirect_stderr(io.StringIO()):
@@ -151,6 +191,16 @@ def test_stage_boundary_bytes_match_the_cost_model(world4):
     m4 = world4[0]["pp4_m4"][3]  # 4 micro-batches of 1 sequence, all tokens (sp 1)
     per_micro = stage_boundary_bytes(micro_batch=1, tokens_per_rank=cfg.seqlen, dim=cfg.dim, dtype_bytes=4)
     assert sum(m4) == 4 * per_micro["forward"], m4
+
+
+def test_tensor_parallel_layers_equal_the_unsplit_ones(world4):
+    for rank, result in enumerate(world4):
+        checks = result["tensor_parallel"]
+        assert max(checks[name] for name in ("out", "dx", "dup", "ddown")) <= 1e-5, (rank, checks)
+        assert checks["marked"] == [True, 0, 1], checks  # what DeepSpeed's gradient norm reads
+        assert "has a bias" in checks["bias"] and "has a bias" in checks["row_bias"], checks
+        assert "6 output features in 1 part(s) do not split over 4 tensor ranks" in checks["split"], checks
+        assert "12 output features in 2 part(s)" in checks["parts"], checks
 
 
 @pytest.mark.slow
