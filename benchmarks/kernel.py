@@ -121,7 +121,7 @@ def parse_args(argv) -> BenchConfig:
 
 def _ours(backend):
     def make(q, k, v, causal):
-        from kernels import flash_attn_func
+        from dist_attn.kernels import flash_attn_func
         q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
         return lambda: flash_attn_func(q, k, v, causal=causal, backend=backend)
     return make

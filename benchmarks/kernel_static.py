@@ -1,7 +1,7 @@
 """Static performance check of the Triton kernels for Hopper (sm_90a), on a machine without a GPU.
 
 The kernels are compiled exactly as a launch on an H100/H200 would compile them: the real launchers of
-``kernels.triton_attention`` are called with CPU tensors of a real shape, and a stand-in driver that
+``dist_attn.kernels.triton_attention`` are called with CPU tensors of a real shape, and a stand-in driver that
 reports an sm_90 device turns every ``kernel[grid](...)`` into a compile-only warm-up of each config the
 autotuner would try (``Autotuner.warmup``). So the launch's specialisation (16-byte alignment of
 pointers, divisibility of strides and sizes by 16, unit strides as constants) and the constexprs the
@@ -141,7 +141,7 @@ def cases(shape, dtype):
     "ring-fwd-full" as a ring step whose keys are all visible (the FULL variant), "varlen" packed
     sequences forward and backward, and the "-pointer" cases without TMA. ``shape``: (batch, seqlen,
     nheads, nheads_kv, headdim)."""
-    from kernels.positions import PackedPair, Positions
+    from dist_attn.kernels.positions import PackedPair, Positions
     batch, seqlen, nheads, nheads_kv, headdim = shape
     scale = headdim ** -0.5
     pos = Positions(0, 1, seqlen)
@@ -199,7 +199,7 @@ KERNELS = ("_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv", "_bwd_dq")
 
 def compile_cases(shape, dtype, space=None, only=None):
     """Every config each case's launches compile, as ``Compiled`` records."""
-    from kernels import triton_attention as ta
+    from dist_attn.kernels import triton_attention as ta
     records = []
     selected = [c for c in cases(shape, dtype) if only is None or c[0] in only]
     for case, run in progress(selected, "compile for sm_90"):

@@ -6,7 +6,7 @@ For every world size w one gloo world is spawned (torch.multiprocessing); each r
 --threads-per-rank is given. Each iteration: `dist.barrier()`, wall clock of the forward, wall clock of
 the backward; an iteration's time is the max over ranks (all_reduce MAX); after `warmup` untimed
 iterations the median of `iters` timed ones is reported. Baseline in the same run, in the parent process
-with all cores: `kernels.flash_attn_func(q, k, v, causal, backend="torch")` on the full sequence, same
+with all cores: `dist_attn.kernels.flash_attn_func(q, k, v, causal, backend="torch")` on the full sequence, same
 protocol; the ratios are ring ms / single ms (fwd, bwd, and fwd+bwd = sum of the two medians).
 
 Bytes: every message a worker sends through `RingComm` is counted (`dist_attn.comm.traffic_meter`).
@@ -162,7 +162,7 @@ def _ring_worker(rank, world, cfg):
 
 def single_baseline(cfg, seqlen, causal):
     """Median (fwd ms, bwd ms) of flash_attn_func on the full sequence in this process (all cores)."""
-    from kernels import flash_attn_func
+    from dist_attn.kernels import flash_attn_func
     q, k, v, dout = _inputs(cfg, seqlen)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     times = []

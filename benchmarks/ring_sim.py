@@ -51,8 +51,8 @@ import torch
 from benchmarks.common import RESULTS_DIR, machine_name, md_row, progress, versions, write_result
 from dist_attn.layouts import LAYOUTS, chunks_per_rank, global_positions, shard
 from dist_attn.ring import visible_pairs
-from kernels import flash_attn_backward, flash_attn_forward
-from kernels.positions import mask_band
+from dist_attn.kernels import flash_attn_backward, flash_attn_forward
+from dist_attn.kernels.positions import mask_band
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TARGET = 1.05

@@ -425,8 +425,8 @@ def gpu_kernel_result(results_dir=RESULTS_DIR):
 
 
 def measure_cpu_throughput(seqlens, threads, shape, iters=3):
-    """{threads: (fwd FLOP/s, bwd FLOP/s, per-case rows)}: kernels.flash_attn_func(backend="torch"), median."""
-    from kernels import flash_attn_func
+    """{threads: (fwd FLOP/s, bwd FLOP/s, per-case rows)}: dist_attn.kernels.flash_attn_func(backend="torch"), median."""
+    from dist_attn.kernels import flash_attn_func
     out, before = {}, torch.get_num_threads()
     try:
         for t in threads:
@@ -611,7 +611,7 @@ def report(res, argv):
              f"{res['gloo'].beta_bytes_per_s / 1e9:.2f} GB/s ({res['gloo'].source})",
              f"- GPU shape: {shp}; hybrid = Ulysses over min(8, heads) ranks of a node x zigzag ring across",
              "", "## CPU kernel throughput (measured)", "",
-             f"`kernels.flash_attn_func(backend=\"torch\")`, fp32 causal, B{res['vshape'].batch} "
+             f"`dist_attn.kernels.flash_attn_func(backend=\"torch\")`, fp32 causal, B{res['vshape'].batch} "
              f"H{res['vshape'].heads}/{res['vshape'].kv_heads} D{res['vshape'].headdim}, median of 3 after 1 warmup",
              "", md_row(["threads", "seqlen", "fwd ms", "bwd ms", "fwd GFLOP/s", "bwd GFLOP/s"]), md_row(["---"] * 6)]
     for t, (f, b, rows) in res["tp"].items():

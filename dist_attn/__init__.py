@@ -3,7 +3,7 @@
 ``shard``/``gather`` place a sequence on the ranks (layouts "contiguous", "zigzag", "striped");
 ``ring_attention`` runs attention over the whole sequence with each rank holding its part;
 ``usp_attention`` adds Ulysses all-to-all head sharding inside groups of adjacent ranks. See
-shared/DESIGN.md for the design; ``kernels`` holds the single-device kernel every ring step runs.
+shared/DESIGN.md for the design; ``dist_attn.kernels`` holds the single-device kernel every ring step runs.
 """
 
 from .layouts import LAYOUTS, gather, global_positions, shard

@@ -28,8 +28,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from kernels.positions import Positions
-from kernels.varlen import check_cu_seqlens  # kernels owns the cu_seqlens rules
+from dist_attn.kernels.positions import Positions
+from dist_attn.kernels.varlen import check_cu_seqlens  # kernels owns the cu_seqlens rules
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
 

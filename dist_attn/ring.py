@@ -6,7 +6,7 @@ one rank around the ring; at step s rank r holds the block of rank (r - s) mod w
 (``RingComm``) and, meanwhile, runs the local kernel for every (query segment, key segment) pair of
 global positions that the mask leaves visible: pairs the causal mask or window removes entirely are
 skipped without a kernel launch. Partial results merge in float32 inside the kernel's epilogue
-(``accumulate=``, the ``kernels.merge`` rule) and are cast once.
+(``accumulate=``, the ``dist_attn.kernels.merge`` rule) and are cast once.
 
 Backward: the same ring. P = exp(S - lse) is recomputed with the *global* LSE saved by the forward, so
 each block's gradients are exact without any merge. dQ accumulates at home; the float32 dK/dV
@@ -31,10 +31,10 @@ import zlib
 import torch
 import torch.distributed as dist
 
-from kernels import flash_attn_backward, flash_attn_forward, flash_attn_varlen_backward, flash_attn_varlen_forward
-from kernels.positions import mask_band, visible_range
-from kernels.validation import check_causal, check_qkv, check_scale, check_window
-from kernels.varlen import check_cu_seqlens, check_packed, packed_pairs
+from dist_attn.kernels import flash_attn_backward, flash_attn_forward, flash_attn_varlen_backward, flash_attn_varlen_forward
+from dist_attn.kernels.positions import mask_band, visible_range
+from dist_attn.kernels.validation import check_causal, check_qkv, check_scale, check_window
+from dist_attn.kernels.varlen import check_cu_seqlens, check_packed, packed_pairs
 
 from .comm import RingComm
 from .layouts import (LAYOUTS, PackedSegment, check_layout, check_local_length, packed_local_length,

@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from kernels import flash_attn_func
-from kernels.validation import check_causal, check_qkv, check_scale, check_window
+from dist_attn.kernels import flash_attn_func
+from dist_attn.kernels.validation import check_causal, check_qkv, check_scale, check_window
 
 from .comm import record_traffic
 from .layouts import check_layout, check_local_length, chunks_per_rank, gather, global_positions, shard

@@ -32,7 +32,7 @@ def _backend_module(name, device):
     from . import triton_attention  # imported lazily: the torch backend works without a usable Triton
     if device.type != "cuda" and not triton_attention.INTERPRET:
         raise ValueError(f"backend='triton' needs CUDA tensors (got {device}) or TRITON_INTERPRET=1 set "
-                         "before the first import of kernels; use backend='torch' on CPU")
+                         "before the first import of dist_attn.kernels; use backend='torch' on CPU")
     return triton_attention
 
 
@@ -64,7 +64,7 @@ def flash_attn_forward(q, k, v, softmax_scale, causal, q_offset=0, k_offset=0, q
 
     ``accumulate=(out, lse)``: float32 accumulators of earlier key blocks (out like q, lse
     (batch, nheads, seqlen_q); a row no block reached yet holds 0 and -inf). This block is merged into
-    them in place with the online-softmax rule (``kernels.merge``) and they are returned; the Triton
+    them in place with the online-softmax rule (``dist_attn.kernels.merge``) and they are returned; the Triton
     kernel does it in its epilogue, without a separate pass over them. ``out_dtype`` is then ignored.
     """
     (batch, seqlen_q, seqlen_k, nheads, _, _), scale, qpos, kpos, band, module = _prepare(

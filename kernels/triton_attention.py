@@ -302,7 +302,7 @@ def _store_output(Out_head, Lse_row, offs_m, stride_om, stride_od, stride_lm, se
                   ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """Writes the tile's normalised output and natural-log LSE; rows with no visible key get 0 and -inf.
     ACCUMULATE: Out and Lse hold the float32 (out, lse) of earlier key blocks, and the tile is merged into
-    them in place with the online-softmax rule (``kernels.merge``), in base 2:
+    them in place with the online-softmax rule (``dist_attn.kernels.merge``), in base 2:
     lse' = log2(2^lse + 2^lse_tile), out' = out * 2^(lse - lse') + acc * 2^(row_max - lse')."""
     in_rows = offs_m < seqlen_q
     empty = row_sum == 0.0
@@ -682,7 +682,7 @@ def _all_visible(qpos: Positions, kpos: Positions, below, above):
 def forward(q, k, v, scale, qpos: Positions, kpos: Positions, below, above, out_dtype, accumulate=None):
     """Returns (out in ``out_dtype``, lse float32). ``accumulate``: float32 (out, lse) accumulators of
     earlier key blocks, shaped like the result; the block is merged into them in place and they are
-    returned (``kernels.merge`` rule, fused into the kernel's epilogue)."""
+    returned (``dist_attn.kernels.merge`` rule, fused into the kernel's epilogue)."""
     batch, seqlen_q, nheads, _ = q.shape
     seqlen_k, nheads_kv = k.shape[1], k.shape[2]
     if accumulate is not None:

@@ -39,8 +39,8 @@ from dist_attn import gather, ring_attention, shard
 from dist_attn.comm import traffic_meter
 from dist_attn.layouts import LAYOUTS, chunks_per_rank
 from dist_attn.topology import TOPOLOGIES
-from kernels import torch_backend
-from kernels.positions import Positions, mask_band
+from dist_attn.kernels import torch_backend
+from dist_attn.kernels.positions import Positions, mask_band
 from launch.spawn import WorldFailed, caused_by_peer, inject_ring_fault, one_line, run_world
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -156,7 +156,7 @@ def _inputs(cfg):
 
 
 def reference(q, k, v, dout, causal, device):
-    """Exact attention and its gradients in float64, chunked (kernels.torch_backend), on the full sequence,
+    """Exact attention and its gradients in float64, chunked (dist_attn.kernels.torch_backend), on the full sequence,
     computed on ``device`` (a GPU's float64 units make long sequences feasible)."""
     q, k, v, dout = (x.to(device, torch.float64) for x in (q, k, v, dout))
     positions = Positions(0, 1, q.shape[1])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels import attention_reference
-from kernels.reference import visibility_mask
+from dist_attn.kernels import attention_reference
+from dist_attn.kernels.reference import visibility_mask
 
 
 def reference_with_grads(q, k, v, dout, causal=False, window=None, q_positions=None, k_positions=None,

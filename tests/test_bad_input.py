@@ -35,7 +35,7 @@ import torch
 from dist_attn import (gather, global_positions, heads_to_seq, ring_attention, seq_to_heads, shard, usp_attention,
                        usp_gather, usp_shard)
 from dist_attn.groups import sequence_parallel_groups
-from kernels import (attention_reference, flash_attn_backward, flash_attn_forward, flash_attn_func,
+from dist_attn.kernels import (attention_reference, flash_attn_backward, flash_attn_forward, flash_attn_func,
                      flash_attn_varlen_backward, flash_attn_varlen_forward, flash_attn_varlen_func)
 from launch.spawn import run_world
 

@@ -9,7 +9,7 @@ import torch
 
 from benchmarks import ring_sim as bench
 from dist_attn.layouts import LAYOUTS, segments
-from kernels import flash_attn_func
+from dist_attn.kernels import flash_attn_func
 
 TINY = ["--device", "cpu", "--worlds", "1", "2", "4", "--seqlen", "64", "--headdim", "16", "--reps", "1",
         "--warmup", "0"]

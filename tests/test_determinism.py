@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import flash_attn_backward, flash_attn_forward, flash_attn_func, flash_attn_varlen_func
+from dist_attn.kernels import flash_attn_backward, flash_attn_forward, flash_attn_func, flash_attn_varlen_func
 from launch.spawn import run_world
 
 KERNEL_CASES = {

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels import triton_attention as ta
+from dist_attn.kernels import triton_attention as ta
 
 ROOT = Path(__file__).resolve().parent.parent
 SM90_SHARED_MEMORY = 232448  # bytes per block on sm_90 (227 KiB)

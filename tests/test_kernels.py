@@ -14,8 +14,8 @@ import triton.language as tl
 
 from attention_checks import attention_lowp, max_error, reference_with_grads
 from conftest import DEVICE
-from kernels import attention_reference, flash_attn_backward, flash_attn_forward, flash_attn_func
-from kernels.triton_attention import _band_tiles
+from dist_attn.kernels import attention_reference, flash_attn_backward, flash_attn_forward, flash_attn_func
+from dist_attn.kernels.triton_attention import _band_tiles
 
 FWD_TOL = 2e-5  # fp32 max abs error vs float64 (shared/DESIGN.md)
 GRAD_TOL = 1e-4
@@ -214,7 +214,7 @@ def test_flash_attn_func_autograd(backend):
 
 
 def test_default_backend_on_cpu_is_torch(monkeypatch):
-    from kernels import torch_backend
+    from dist_attn.kernels import torch_backend
     calls = []
     original = torch_backend.forward
     monkeypatch.setattr(torch_backend, "forward", lambda *a: calls.append(1) or original(*a))
@@ -297,8 +297,8 @@ def assert_tiles_cover_band(visited, expected, exact):
 def test_torch_backend_tiles_cover_the_band_once(case, monkeypatch):
     """The torch path's (query chunk, key chunk) tiles cover every visible pair exactly once, and a
     tile comes without a mask only when every pair in it is visible."""
-    import kernels.torch_backend as torch_backend
-    from kernels.positions import Positions
+    import dist_attn.kernels.torch_backend as torch_backend
+    from dist_attn.kernels.positions import Positions
 
     a_first, a_stride, a_len, b_offset, b_stride, b_len, below, above, block = case
     monkeypatch.setattr(torch_backend, "CHUNK", block)
@@ -403,7 +403,7 @@ def test_bad_backward_errors(which, value, exc, message):
 
 
 def test_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
-    from kernels import triton_attention
+    from dist_attn.kernels import triton_attention
     monkeypatch.setattr(triton_attention, "INTERPRET", False)
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         flash_attn_func(Q, KV, KV, backend="triton")

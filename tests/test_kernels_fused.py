@@ -1,7 +1,7 @@
 """The ring-step fusions of the kernels and their two load paths.
 
 - ``accumulate=``: the forward merges its block into float32 (out, lse) accumulators (the online-softmax
-  rule of ``kernels.merge``) and the backward adds into float32 (dq, dk, dv), both backends, batched and
+  rule of ``dist_attn.kernels.merge``) and the backward adds into float32 (dq, dk, dv), both backends, batched and
   packed: equal to a separate merge / add, bit-identical where the order of operations is unchanged.
 - TMA tensor descriptors vs pointer loads: the same numbers, and the launcher picks TMA only for inputs
   TMA can read (unit last stride, 16-byte aligned base and strides).
@@ -16,10 +16,10 @@ import torch
 
 from attention_checks import max_error
 from conftest import DEVICE
-from kernels import (flash_attn_backward, flash_attn_forward, flash_attn_varlen_backward,
+from dist_attn.kernels import (flash_attn_backward, flash_attn_forward, flash_attn_varlen_backward,
                      flash_attn_varlen_forward)
-from kernels import triton_attention as ta
-from kernels.merge import merge_
+from dist_attn.kernels import triton_attention as ta
+from dist_attn.kernels.merge import merge_
 
 BACKENDS = ["torch", "triton"]
 

@@ -7,7 +7,7 @@ import torch
 
 from attention_checks import max_error, reference_with_grads
 from conftest import DEVICE
-from kernels import flash_attn_varlen_backward, flash_attn_varlen_forward, flash_attn_varlen_func
+from dist_attn.kernels import flash_attn_varlen_backward, flash_attn_varlen_forward, flash_attn_varlen_func
 
 FWD_TOL, GRAD_TOL = 2e-5, 1e-4
 BACKENDS = ["torch", "triton"]
@@ -174,7 +174,7 @@ class _LaunchLog:
 def test_triton_packs_every_sequence_into_one_launch_per_kernel(monkeypatch):
     """Three sequences, GQA: one launch of each kernel, grid axis 1 = sequences x heads, axis 0 = the
     longest sequence; the short sequences' surplus programs change nothing."""
-    from kernels import triton_attention as ta
+    from dist_attn.kernels import triton_attention as ta
 
     logs = {name: _LaunchLog(getattr(ta, name)) for name in ("_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv", "_bwd_dq")}
     for name, log in logs.items():
@@ -196,7 +196,7 @@ def test_triton_bf16_packed_matches_one_call_per_sequence(out_dtype):
     """bfloat16: the packed launch gives each sequence what a separate (batched-path) call at the same
     positions gives it: bit for bit under the interpreter (same tiles), to bf16 rounding on a GPU
     (where the autotuner may pick other tiles). Uncovered rows stay 0 / -inf / 0."""
-    from kernels import flash_attn_backward, flash_attn_forward
+    from dist_attn.kernels import flash_attn_backward, flash_attn_forward
 
     q, k, v, dout = (t.bfloat16() for t in packed_inputs(90, 80, 2, 1, seed=4, device=DEVICE))
     q_spans, k_spans = [(50, 35, 7), (0, 45, 0)], [(40, 40, 3), (0, 33, 0)]   # rows 45..49, 85..89: padding

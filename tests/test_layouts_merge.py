@@ -7,8 +7,8 @@ import torch
 
 from dist_attn import LAYOUTS, global_positions, shard
 from dist_attn.layouts import segments
-from kernels.merge import merge_
-from kernels import attention_reference
+from dist_attn.kernels.merge import merge_
+from dist_attn.kernels import attention_reference
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -16,7 +16,7 @@ K/V heads and head dim ``D``::
     peak <= 8 * (S + 2 * Skv) + 10 * T + 1 MiB
     S   = B * L * H  * D * 4      (bytes of the local q, or out, in float32)
     Skv = B * L * Hk * D * 4      (bytes of the local k, or v)
-    T   = B * H * min(L, CHUNK)**2 * 4   (one score tile; CHUNK = kernels.torch_backend.CHUNK = 256)
+    T   = B * H * min(L, CHUNK)**2 * 4   (one score tile; CHUNK = dist_attn.kernels.torch_backend.CHUNK = 256)
 
 Where it comes from: at the peak of the backward a rank holds the float32 output and the dq
 accumulator, the backend's dq and its ungrouped copy (4 S), K/V for the current and the next step,
@@ -81,7 +81,7 @@ def levels_at_markers(fn):
 
 def peak_bound(batch, local_len, nheads, nheads_kv, headdim):
     """The documented per-rank peak of the ring's forward + backward (module docstring), in bytes."""
-    from kernels.torch_backend import CHUNK
+    from dist_attn.kernels.torch_backend import CHUNK
 
     s = batch * local_len * nheads * headdim * 4
     s_kv = batch * local_len * nheads_kv * headdim * 4
@@ -149,7 +149,7 @@ def ring_results():
 
 def test_kernel_memory_does_not_grow():
     """flash_attn_func (both backends, causal and window) and flash_attn_varlen_func: 20 more calls, no growth."""
-    from kernels import flash_attn_func, flash_attn_varlen_func
+    from dist_attn.kernels import flash_attn_func, flash_attn_varlen_func
 
     for backend, seqlen in (("torch", 96), ("triton", 40)):  # the Triton interpreter is slow: smaller
         q, k, v, dout = _inputs(seqlen)

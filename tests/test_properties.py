@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from attention_checks import attention_lowp, max_error, reference_with_grads
-from kernels import flash_attn_backward, flash_attn_forward, flash_attn_func
+from dist_attn.kernels import flash_attn_backward, flash_attn_forward, flash_attn_func
 from launch.spawn import run_world
 
 FWD_TOL, GRAD_TOL = 2e-5, 1e-4  # fp32 vs float64 (shared/DESIGN.md)

@@ -203,7 +203,7 @@ def test_a_missing_peer_fails_within_the_process_group_timeout():
 
 def test_world_of_one_without_process_group():
     from dist_attn import ring_attention
-    from kernels import flash_attn_func
+    from dist_attn.kernels import flash_attn_func
 
     q, k, v = (torch.randn(1, 24, 2, 16, requires_grad=True) for _ in range(3))
     for layout in LAYOUTS:

@@ -11,7 +11,7 @@ import torch
 from attention_checks import max_error, reference_with_grads
 from dist_attn.layouts import LAYOUTS, packed_local_length, packed_segments, padded_seqlens
 from dist_attn.ring import visible_pairs
-from kernels.positions import Positions
+from dist_attn.kernels.positions import Positions
 from launch.spawn import WorldFailed, run_world
 
 FWD_TOL, GRAD_TOL = 2e-5, 1e-4

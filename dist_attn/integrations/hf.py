@@ -287,7 +287,7 @@ def _shard_packed(input_ids, labels, position_ids, layout, rank, world_size, ign
 
 
 def _packed_bounds(cu_seqlens):
-    from kernels.varlen import check_cu_seqlens
+    from dist_attn.kernels.varlen import check_cu_seqlens
 
     return check_cu_seqlens("cu_seqlens", cu_seqlens, None)
 
