@@ -2,13 +2,15 @@
 
 ``shard``/``gather`` place a sequence on the ranks (layouts "contiguous", "zigzag", "striped");
 ``ring_attention`` runs attention over the whole sequence with each rank holding its part;
-``usp_attention`` adds Ulysses all-to-all head sharding inside groups of adjacent ranks. See
+``usp_attention`` adds Ulysses all-to-all head sharding inside groups of adjacent ranks;
+``context_parallel`` routes PyTorch SDPA calls on sharded tensors to the ring. See
 shared/DESIGN.md for the design; ``dist_attn.kernels`` holds the single-device kernel every ring step runs.
 """
 
 from .layouts import LAYOUTS, gather, global_positions, shard
 from .ring import ring_attention
+from .sdpa import context_parallel
 from .ulysses import heads_to_seq, seq_to_heads, usp_attention, usp_gather, usp_positions, usp_shard
 
-__all__ = ["LAYOUTS", "gather", "global_positions", "heads_to_seq", "ring_attention", "seq_to_heads", "shard",
-           "usp_attention", "usp_gather", "usp_positions", "usp_shard"]
+__all__ = ["LAYOUTS", "context_parallel", "gather", "global_positions", "heads_to_seq", "ring_attention", "seq_to_heads",
+           "shard", "usp_attention", "usp_gather", "usp_positions", "usp_shard"]
