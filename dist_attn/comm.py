@@ -18,6 +18,22 @@ import torch.distributed as dist
 _meters = []  # open traffic_meter() lists
 
 
+def as_group(group, name="group"):
+    """A process group from what a caller may pass where dist-attn takes one: None (the default group), a
+    ``ProcessGroup``, or a one-dimensional ``DeviceMesh`` (e.g. ``mesh["cp"]`` of
+    ``init_device_mesh(..., mesh_dim_names=("dp", "cp"))``), whose group is used."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if isinstance(group, DeviceMesh):
+        if group.ndim != 1:
+            names = group.mesh_dim_names or ()
+            raise ValueError(f"{name}: a DeviceMesh of {group.ndim} dimensions {names} does not say which dimension the "
+                             f"sequence is sharded over; pass one dimension, e.g. mesh[{names[-1]!r}]" if names else
+                             f"{name}: pass a one-dimensional DeviceMesh; got one of {group.ndim} dimensions")
+        return group.get_group()
+    return group
+
+
 @contextlib.contextmanager
 def traffic_meter():
     """Records the size in bytes of every message this process sends (ring steps, Ulysses all-to-alls)

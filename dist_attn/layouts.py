@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from dist_attn.comm import as_group
 from dist_attn.kernels.positions import Positions
 from dist_attn.kernels.varlen import check_cu_seqlens  # kernels owns the cu_seqlens rules
 
@@ -227,6 +228,7 @@ def gather(x_local, layout="zigzag", group=None, dim=None, *, cu_seqlens=None):
     process group it is the identity (world size 1), except that packed sequences (``cu_seqlens``,
     ``dim`` default 0) always lose their padding rows.
     """
+    group = as_group(group)
     check_layout(layout)
     if not isinstance(x_local, torch.Tensor):
         raise TypeError(f"x_local must be a torch.Tensor; got {type(x_local).__name__}")

@@ -36,7 +36,7 @@ from dist_attn.kernels.positions import mask_band, visible_range
 from dist_attn.kernels.validation import check_causal, check_qkv, check_scale, check_window
 from dist_attn.kernels.varlen import check_cu_seqlens, check_packed, packed_pairs
 
-from .comm import RingComm
+from .comm import RingComm, as_group
 from .layouts import (LAYOUTS, PackedSegment, check_layout, check_local_length, packed_local_length,
                       packed_segments, segments)
 from .topology import ENV_LOCAL_WORLD_SIZE, TOPOLOGIES, check_topology, resolve
@@ -359,6 +359,7 @@ def ring_attention(q, k, v, causal=False, softmax_scale=None, layout="zigzag", g
     small all-gather before the ring starts (a disagreement raises on all ranks instead of hanging).
     Without an initialised process group it runs as a world of one.
     """
+    group = as_group(group)
     check_layout(layout)
     check_topology(topology)
     if not isinstance(check_peers, bool):

@@ -27,6 +27,7 @@ import contextlib
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from dist_attn.comm import as_group
 from dist_attn.layouts import check_layout
 from dist_attn.ring import ring_attention
 
@@ -73,5 +74,5 @@ def context_parallel(group=None, layout="zigzag", *, backend=None):
     default group) with ``layout`` (see the module docstring). Every rank of ``group`` must enter it and
     make the same SDPA calls."""
     check_layout(layout)
-    with _RingSDPAMode({"layout": layout, "group": group, "backend": backend}):
+    with _RingSDPAMode({"layout": layout, "group": as_group(group), "backend": backend}):
         yield

@@ -28,13 +28,14 @@ import torch.distributed as dist
 from dist_attn.kernels import flash_attn_func
 from dist_attn.kernels.validation import check_causal, check_qkv, check_scale, check_window
 
-from .comm import record_traffic
+from .comm import as_group, record_traffic
 from .layouts import check_layout, check_local_length, chunks_per_rank, gather, global_positions, shard
 from .ring import ring_attention
 
 
 def _degree(group):
-    """(rank, size) in ``group``; None is a group of one."""
+    """(rank, size) in ``group`` (a process group or a one-dimensional DeviceMesh); None is a group of one."""
+    group = as_group(group)
     if group is None:
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
@@ -94,14 +95,14 @@ def seq_to_heads(x, group):
     """(B, L, H, D) sequence-sharded -> (B, u*L, H/u, D) head-sharded over ``group`` (differentiable)."""
     if _degree(group)[1] == 1:
         return x
-    return _SeqToHeads.apply(x, group)
+    return _SeqToHeads.apply(x, as_group(group))
 
 
 def heads_to_seq(x, group):
     """The inverse of ``seq_to_heads``: (B, u*L, H/u, D) -> (B, L, H, D) (differentiable)."""
     if _degree(group)[1] == 1:
         return x
-    return _HeadsToSeq.apply(x, group)
+    return _HeadsToSeq.apply(x, as_group(group))
 
 
 def _check_coordinates(ulysses_rank, ulysses_size, ring_rank, ring_size):
@@ -133,6 +134,7 @@ def usp_positions(layout, ulysses_rank, ulysses_size, ring_rank, ring_size, loca
 def usp_gather(x_local, layout, ulysses_group=None, ring_group=None, dim=1):
     """The full sequence from every rank's ``usp_shard`` piece (collective over both groups)."""
     check_layout(layout)
+    ulysses_group, ring_group = as_group(ulysses_group, "ulysses_group"), as_group(ring_group, "ring_group")
     _, u = _degree(ulysses_group)
     ring_shard = x_local
     if u > 1:
@@ -151,6 +153,7 @@ def usp_attention(q, k, v, causal=False, softmax_scale=None, layout="zigzag", ul
     q: (batch, local_seqlen, nheads, headdim), k/v: (batch, local_seqlen, nheads_kv, headdim) on every rank
     of both groups; ``None`` for a group means degree 1. Returns this rank's output, like q.
     """
+    ulysses_group, ring_group = as_group(ulysses_group, "ulysses_group"), as_group(ring_group, "ring_group")
     _, _, _, nheads, nheads_kv, headdim = check_qkv(q, k, v)
     scale = check_scale(softmax_scale, headdim)
     window = check_window(window)

@@ -15,6 +15,10 @@ compat: every ring-flash-attention function (3 layouts x q/k/v, kvpacked, qkvpac
 yunchang's ``LongContextAttention`` (Ulysses 2 x ring 2, its three ring types) on inputs placed the way those
 libraries document (their ``extract_local`` helpers, written out here independently of ``dist_attn.shard``):
 this rank's output and input gradients equal the same slices of float64 attention on the full sequence.
+
+DeviceMesh and FSDP2: a one-dimensional mesh is taken wherever a group is (the same bits); FSDP2 over the dp
+axis of a (dp 2, cp 2) mesh with the ring over the cp axis trains with the losses and gradient norms of one
+process.
 """
 
 from __future__ import annotations
@@ -244,6 +248,78 @@ def compat_refusals():
     return messages
 
 
+# ------------------------------------------------------------------------------ DeviceMesh and FSDP2
+
+FSDP_STEPS = 3
+
+
+def device_mesh_cases(rank):
+    """A one-dimensional DeviceMesh wherever a group is taken (same bits as its process group); a 2-D one is
+    refused."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from dist_attn import gather, ring_attention, usp_attention
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 8, h, 8, generator=gen) for h in (4, 2, 2))
+    by_mesh = ring_attention(q, k, v, causal=True, group=mesh["cp"])
+    by_group = ring_attention(q, k, v, causal=True, group=mesh["cp"].get_group())
+    usp = usp_attention(q, k, v, causal=True, ulysses_group=mesh["dp"], ring_group=mesh["cp"])
+    usp_by_group = usp_attention(q, k, v, causal=True, ulysses_group=mesh["dp"].get_group(),
+                                 ring_group=mesh["cp"].get_group())
+    result = {"ring": torch.equal(by_mesh, by_group), "usp": torch.equal(usp, usp_by_group),
+              "gather": torch.equal(gather(by_mesh, "zigzag", mesh["cp"]), gather(by_group, "zigzag",
+                                                                                  mesh["cp"].get_group()))}
+    try:
+        ring_attention(q, k, v, group=mesh)
+        result["2d"] = None
+    except ValueError as error:
+        result["2d"] = str(error)
+    return result
+
+
+def fsdp2_training(rank):
+    """launch.train's model and task with FSDP2 (``fully_shard`` over the dp axis) and ring attention over the
+    cp axis of a (dp 2, cp 2) DeviceMesh: (losses, gradient norms before clipping) of FSDP_STEPS steps."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from launch import train
+    from launch.model import Transformer
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
+    cp_group = mesh["cp"].get_group()
+    cfg = train.TrainConfig(steps=FSDP_STEPS, sp=2, device="cpu")
+    torch.manual_seed(cfg.seed)
+    model = Transformer(cfg.vocab, cfg.dim, cfg.layers, cfg.heads, cfg.kv_heads)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    where = train.Mesh(cp_group, mesh.get_local_rank("cp"), mesh.get_local_rank("dp"), 2)
+    losses, norms = [], []
+    for step in range(1, FSDP_STEPS + 1):
+        ids, labels, positions, n_answers = train.replica_batch(cfg, step, where, torch.device("cpu"))
+        logits = model(ids, positions, layout=cfg.layout, group=mesh["cp"])  # the ring over a DeviceMesh dimension
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=train.IGNORE,
+                               reduction="sum") / n_answers
+        optimizer.zero_grad()
+        loss.backward()  # FSDP2 reduce-scatters over dp (the mean of the replicas)
+        with torch.no_grad():
+            for p in model.parameters():  # the cp ranks' shares of their replica's gradient
+                dist.all_reduce(p.grad.to_local(), group=cp_group)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        norms.append(norm.full_tensor().item())
+        for group in optimizer.param_groups:
+            group["lr"] = train.learning_rate(cfg, step)
+        optimizer.step()
+        reported = loss.detach().clone()
+        dist.all_reduce(reported)
+        losses.append(reported.item() / 2)
+    return losses, norms
+
+
 def run_cases(rank, world_size):
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     groups = {2: pairs[rank // 2], 4: dist.new_group(list(range(world_size)))}
@@ -253,6 +329,8 @@ def run_cases(rank, world_size):
                                    for w, group in groups.items()},
         "yunchang": yunchang_cases(rank, world_size),
         "compat_refusals": compat_refusals(),
+        "device_mesh": device_mesh_cases(rank),
+        "fsdp2": fsdp2_training(rank),
         "model": {(w, layout): model_case(group, layout) for w, group in groups.items() for layout in LAYOUTS},
         "bare": {(w, layout): bare_case(group, layout) for w, group in groups.items() for layout in LAYOUTS},
         "refusals": refusals(groups[4]),
@@ -331,3 +409,21 @@ def test_compat_refuses_what_it_does_not_support(name, words):
         assert message is not None, f"{name} was not refused"
         for word in words:
             assert word in message, (word, message)
+
+
+def test_a_device_mesh_dimension_is_taken_wherever_a_group_is():
+    for result in world():
+        checks = result["device_mesh"]
+        assert checks["ring"] and checks["usp"] and checks["gather"], checks
+        assert "2 dimensions ('dp', 'cp')" in checks["2d"] and "mesh['cp']" in checks["2d"], checks["2d"]
+
+
+def test_fsdp2_with_ring_over_the_context_axis_matches_one_process():
+    """Loss and gradient-norm parity (1e-5) with a one-process launch.train run on the same data and weights."""
+    from train_checks import assert_close, one_process_run
+
+    single = one_process_run(["--steps", str(FSDP_STEPS), "--log-every", "1000", "--device", "cpu"])
+    for rank, result in enumerate(world()):
+        losses, norms = result["fsdp2"]
+        assert_close(losses, single.losses, 1e-5)
+        assert_close(norms, single.grad_norms, 1e-5)

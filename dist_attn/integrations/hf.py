@@ -73,6 +73,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from dist_attn.comm import as_group
 from dist_attn.layouts import chunks_per_rank, check_layout, gather, global_positions, shard
 from dist_attn.ring import _world, ring_attention
 
@@ -103,7 +104,7 @@ def register(name: str = DEFAULT_NAME, layout: str = "zigzag", group=None, backe
     check_layout(layout)
     if not isinstance(name, str) or not name or "flash" in name or name in ("eager", "sdpa", "flex_attention"):
         raise ValueError(f"name must be a new attn_implementation name (not eager/sdpa/flash*/flex); got {name!r}")
-    _CONFIGS[name] = {"layout": layout, "group": group, "backend": backend}
+    _CONFIGS[name] = {"layout": layout, "group": as_group(group), "backend": backend}
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         return _ring_attention_forward(name, module, query, key, value, attention_mask, scaling, dropout, **kwargs)
@@ -230,7 +231,7 @@ def shard_inputs(input_ids, labels=None, position_ids=None, layout="zigzag", gro
     token gets ``ignore_index``) and padding rows get ``ignore_index``. The dict also carries
     ``dist_attn_cu_seqlens`` (``cu_seqlens`` on the CPU), which the model forwards to the attention calls.
     """
-    rank, world_size = _world(group)
+    rank, world_size = _world(as_group(group))
     check_layout(layout)
     if cu_seqlens is not None:
         return _shard_packed(input_ids, labels, position_ids, layout, rank, world_size, ignore_index, cu_seqlens)
@@ -297,6 +298,7 @@ def causal_lm_loss(local_logits, local_shift_labels, num_items_in_batch=None, gr
     of valid targets of the whole sequence (``num_items_in_batch`` from ``shard_inputs``; None: counted with one
     all-reduce over ``group``). The shares of the group sum to the global mean loss (``reduce_loss``);
     backward on the share, then ``all_reduce_gradients``, gives the single-process gradients."""
+    group = as_group(group)
     vocab = local_logits.shape[-1]
     total = torch.nn.functional.cross_entropy(local_logits.float().reshape(-1, vocab), local_shift_labels.reshape(-1),
                                               ignore_index=ignore_index, reduction="sum")
@@ -310,6 +312,7 @@ def causal_lm_loss(local_logits, local_shift_labels, num_items_in_batch=None, gr
 
 def reduce_loss(local_loss, group=None):
     """The global loss from every rank's share (all-reduce SUM of the detached value; a collective)."""
+    group = as_group(group)
     loss = local_loss.detach().clone()
     if _world(group)[1] > 1:
         dist.all_reduce(loss, group=group)
@@ -320,6 +323,7 @@ def reduce_loss(local_loss, group=None):
 def all_reduce_gradients(model, group=None):
     """Sums every parameter's ``.grad`` over the sequence-parallel ``group`` (one flat all-reduce per dtype and
     device), which turns each rank's gradients into the single-process gradients. A collective."""
+    group = as_group(group)
     if _world(group)[1] == 1:
         return
     grads = [p.grad for p in model.parameters() if p.grad is not None]
