@@ -4,7 +4,7 @@
 ``ring_attention`` runs attention over the whole sequence with each rank holding its part;
 ``usp_attention`` adds Ulysses all-to-all head sharding inside groups of adjacent ranks;
 ``context_parallel`` routes PyTorch SDPA calls on sharded tensors to the ring. See
-shared/DESIGN.md for the design; ``dist_attn.kernels`` holds the single-device kernel every ring step runs.
+docs/design.md for the design; ``dist_attn.kernels`` holds the single-device kernel every ring step runs.
 """
 
 from .layouts import LAYOUTS, gather, global_positions, shard

@@ -1,4 +1,4 @@
-"""Public entry points of the single-device kernel (the contract in shared/DESIGN.md).
+"""Public entry points of the single-device kernel (the contract in docs/design.md).
 
 Three layers, as in flash-attn: ``flash_attn_forward`` / ``flash_attn_backward`` validate and dispatch
 to a backend (Triton kernels or the chunked PyTorch path); ``FlashAttnFunc`` is the autograd

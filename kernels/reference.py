@@ -2,7 +2,7 @@
 
 It materialises the full (seqlen_q x seqlen_k) score matrix, so use it on test-sized inputs only.
 Math runs in float32, or float64 when the inputs are float64. The visibility rule is the one in
-shared/DESIGN.md: key position ``kp`` is visible from query position ``qp`` when
+docs/design.md: key position ``kp`` is visible from query position ``qp`` when
 ``qp - left <= kp <= qp + right`` (``window=(left, right)``, ``None`` = unlimited) and, if ``causal``,
 ``kp <= qp``. Rows that see no key give output 0 and LSE -inf.
 """

@@ -29,7 +29,7 @@ from attention_checks import max_error, reference_with_grads  # noqa: E402
 from launch.spawn import run_world  # noqa: E402
 from train_checks import assert_close, one_process_run  # noqa: E402
 
-FWD_TOL, GRAD_TOL = 2e-5, 1e-4  # fp32 vs float64 (shared/DESIGN.md)
+FWD_TOL, GRAD_TOL = 2e-5, 1e-4  # fp32 vs float64 (docs/design.md)
 PARITY_RTOL = 1e-5
 STEPS = 5
 WORLD = 4

@@ -17,7 +17,7 @@ from conftest import DEVICE
 from dist_attn.kernels import attention_reference, flash_attn_backward, flash_attn_forward, flash_attn_func
 from dist_attn.kernels.triton_attention import _band_tiles
 
-FWD_TOL = 2e-5  # fp32 max abs error vs float64 (shared/DESIGN.md)
+FWD_TOL = 2e-5  # fp32 max abs error vs float64 (docs/design.md)
 GRAD_TOL = 1e-4
 BACKENDS = ["torch", "triton"]
 

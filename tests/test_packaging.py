@@ -9,6 +9,7 @@ repository root is on ``sys.path``, so its ``kernels/`` folder would shadow the 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -38,8 +39,14 @@ def test_hugging_face_kernels_and_dist_attn_import_side_by_side(tmp_path):
 
 
 def test_wheel_installs_the_kernels_under_dist_attn(tmp_path):
+    source = tmp_path / "src"  # a copy (links kept), so the build writes nothing into the checkout
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for name in ("dist_attn", "kernels"):
+        shutil.copytree(REPO / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                          str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+                          str(tmp_path), str(source)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     (wheel,) = tmp_path.glob("dist_attn-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

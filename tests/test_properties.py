@@ -5,7 +5,7 @@ and on every rank), ``database=None`` and ``deadline=None`` (timings on a shared
 
 - The kernels: random batch, seqlen_q/seqlen_k (1-80), nheads with GQA ratios, headdim, causal,
   window, q/k offsets and strides, softmax_scale; outputs, LSE and gradients within the fp32 bar of
-  shared/DESIGN.md (2e-5 forward, 1e-4 gradients), LSE -inf exactly on the rows that see no key and
+  docs/design.md (2e-5 forward, 1e-4 gradients), LSE -inf exactly on the rows that see no key and
   output 0 there. bf16 through ``flash_attn_func`` against the "2x PyTorch's own bf16 error" rule.
   The torch backend gets most examples, the Triton kernels (interpreter on CPU) a few.
 - The ring: one spawned world of 4 ranks; sub-groups of sizes 1-4 (``new_group``) give the ring's world
@@ -32,7 +32,7 @@ from attention_checks import attention_lowp, max_error, reference_with_grads
 from dist_attn.kernels import flash_attn_backward, flash_attn_forward, flash_attn_func
 from launch.spawn import run_world
 
-FWD_TOL, GRAD_TOL = 2e-5, 1e-4  # fp32 vs float64 (shared/DESIGN.md)
+FWD_TOL, GRAD_TOL = 2e-5, 1e-4  # fp32 vs float64 (docs/design.md)
 HEADDIMS = (8, 16, 24, 40, 64)
 NO_HEALTH_CHECKS = list(HealthCheck)  # they time things: a slow rank must not decide differently
 BOUNDED = dict(deadline=None, derandomize=True, database=None, suppress_health_check=NO_HEALTH_CHECKS,

@@ -16,7 +16,7 @@ import torch
 from attention_checks import max_error, reference_with_grads
 from launch.spawn import WorldFailed, run_world
 
-FWD_TOL, GRAD_TOL = 2e-5, 1e-4  # fp32 vs float64 (shared/DESIGN.md)
+FWD_TOL, GRAD_TOL = 2e-5, 1e-4  # fp32 vs float64 (docs/design.md)
 WORLD_SIZES = [1, 2, 3, 4, 8]
 LAYOUTS = ["contiguous", "zigzag", "striped"]
 HEADS = {"mha": (4, 4), "gqa": (4, 2)}
