@@ -44,7 +44,7 @@ from dist_attn.kernels.positions import Positions, mask_band
 from launch.spawn import WorldFailed, caused_by_peer, inject_ring_fault, one_line, run_world
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Max abs error allowed. float32: shared/DESIGN.md's bounds (forward, gradients). 16-bit: a fraction of
+# Max abs error allowed. float32: docs/design.md's bounds (forward, gradients). 16-bit: a fraction of
 # the largest reference value; a real bug gives errors of the order of the values themselves.
 FP32_TOLERANCE = (2e-5, 1e-4)
 LOW_PRECISION_RELATIVE_TOLERANCE = {torch.bfloat16: 2**-5, torch.float16: 2**-8}
