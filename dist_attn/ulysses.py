@@ -113,11 +113,20 @@ def _check_coordinates(ulysses_rank, ulysses_size, ring_rank, ring_size):
             raise ValueError(f"{name}_rank must be an int in [0, {size}); got {rank!r}")
 
 
-def usp_shard(x, layout, ulysses_rank, ulysses_size, ring_rank, ring_size, dim=1):
-    """This rank's tokens of the full sequence ``x`` (pure slicing; see the sharding contract above)."""
+def usp_shard(x, layout, ulysses_rank, ulysses_size, ring_rank, ring_size, dim=None, *, cu_seqlens=None):
+    """This rank's tokens of the full sequence ``x`` (pure slicing; see the sharding contract above).
+
+    ``dim`` defaults to 1, or to 0 for packed sequences (``cu_seqlens``: the global cumulative lengths, as for
+    ``shard``): the ring shard ``shard(x, layout, ring_rank, ring_size, cu_seqlens=cu_seqlens)``, padding
+    included, is cut into ``ulysses_size`` contiguous pieces, so its length must divide by ``ulysses_size``."""
     _check_coordinates(ulysses_rank, ulysses_size, ring_rank, ring_size)
-    ring_shard = shard(x, layout=layout, rank=ring_rank, world_size=ring_size, dim=dim)
+    dim = (1 if cu_seqlens is None else 0) if dim is None else dim
+    ring_shard = shard(x, layout=layout, rank=ring_rank, world_size=ring_size, dim=dim, cu_seqlens=cu_seqlens)
     if ring_shard.shape[dim] % ulysses_size:
+        if cu_seqlens is not None:
+            raise ValueError(f"the ring shard of the packed sequences holds {ring_shard.shape[dim]} tokens (padding "
+                             f"included), not a multiple of the Ulysses degree {ulysses_size}: pad the sequences "
+                             f"(e.g. each to a multiple of {ring_size * chunks_per_rank(layout) * ulysses_size})")
         raise ValueError(f"sequence length ({x.shape[dim]}) must be a multiple of "
                          f"{ring_size * chunks_per_rank(layout) * ulysses_size} for layout={layout!r} with "
                          f"ring degree {ring_size} and Ulysses degree {ulysses_size}")
@@ -131,9 +140,11 @@ def usp_positions(layout, ulysses_rank, ulysses_size, ring_rank, ring_size, loca
     return ring_positions.chunk(ulysses_size)[ulysses_rank]
 
 
-def usp_gather(x_local, layout, ulysses_group=None, ring_group=None, dim=1):
-    """The full sequence from every rank's ``usp_shard`` piece (collective over both groups)."""
+def usp_gather(x_local, layout, ulysses_group=None, ring_group=None, dim=None, *, cu_seqlens=None):
+    """The full sequence from every rank's ``usp_shard`` piece (collective over both groups); ``dim`` and
+    ``cu_seqlens`` as for ``usp_shard`` (packed: the padding rows dropped)."""
     check_layout(layout)
+    dim = (1 if cu_seqlens is None else 0) if dim is None else dim
     ulysses_group, ring_group = as_group(ulysses_group, "ulysses_group"), as_group(ring_group, "ring_group")
     _, u = _degree(ulysses_group)
     ring_shard = x_local
@@ -141,19 +152,26 @@ def usp_gather(x_local, layout, ulysses_group=None, ring_group=None, dim=1):
         pieces = [torch.empty_like(x_local) for _ in range(u)]
         dist.all_gather(pieces, x_local.contiguous(), group=ulysses_group)
         ring_shard = torch.cat(pieces, dim=dim)
-    if _degree(ring_group)[1] == 1:
+    if _degree(ring_group)[1] == 1 and cu_seqlens is None:
         return ring_shard
-    return gather(ring_shard, layout=layout, group=ring_group, dim=dim)
+    return gather(ring_shard, layout=layout, group=ring_group, dim=dim, cu_seqlens=cu_seqlens)
 
 
 def usp_attention(q, k, v, causal=False, softmax_scale=None, layout="zigzag", ulysses_group=None, ring_group=None,
-                  window=None):
+                  window=None, *, cu_seqlens=None):
     """Exact attention over a sequence sharded across Ulysses x ring groups (``usp_shard``). Differentiable.
 
     q: (batch, local_seqlen, nheads, headdim), k/v: (batch, local_seqlen, nheads_kv, headdim) on every rank
     of both groups; ``None`` for a group means degree 1. Returns this rank's output, like q.
+
+    Packed sequences: ``cu_seqlens`` (global, as for ``ring_attention``) and q: (local_tokens, nheads,
+    headdim), k/v: (local_tokens, nheads_kv, headdim) as ``usp_shard(x, ..., cu_seqlens=cu_seqlens)`` places
+    them. With packing, ``ring_group`` must be given in a multi-rank world (a group of one for ring degree 1,
+    as ``sequence_parallel_groups`` provides), since None would mean the default group to ``ring_attention``.
     """
     ulysses_group, ring_group = as_group(ulysses_group, "ulysses_group"), as_group(ring_group, "ring_group")
+    if cu_seqlens is not None:
+        return _usp_packed(q, k, v, causal, softmax_scale, layout, ulysses_group, ring_group, window, cu_seqlens)
     _, _, _, nheads, nheads_kv, headdim = check_qkv(q, k, v)
     scale = check_scale(softmax_scale, headdim)
     window = check_window(window)
@@ -175,3 +193,27 @@ def usp_attention(q, k, v, causal=False, softmax_scale=None, layout="zigzag", ul
         out = ring_attention(q, k, v, causal=causal, softmax_scale=scale, layout=layout, group=ring_group,
                              window=window)
     return heads_to_seq(out, ulysses_group)
+
+
+def _usp_packed(q, k, v, causal, softmax_scale, layout, ulysses_group, ring_group, window, cu_seqlens):
+    """usp_attention on packed sequences: the Ulysses all-to-alls on (1, tokens, heads, headdim) views, the
+    ring's packed path on the reassembled ring shard."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            raise ValueError(f"{name} must be a 3-D (local_tokens, heads, headdim) tensor with cu_seqlens; got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if ring_group is None and dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError("ring_group must be given with cu_seqlens in a multi-rank world (a group of one for ring "
+                         "degree 1): None would run the ring over the default group")
+    _, u = _degree(ulysses_group)
+    nheads, nheads_kv = q.shape[1], k.shape[1]
+    if nheads % u:
+        raise ValueError(f"nheads ({nheads}) must be divisible by the Ulysses degree ({u})")
+    if nheads_kv % u:
+        if u % nheads_kv:
+            raise ValueError(f"nheads_kv ({nheads_kv}) must divide or be a multiple of the Ulysses degree ({u})")
+        k, v = (x.repeat_interleave(u // nheads_kv, dim=1) for x in (k, v))
+    q, k, v = (seq_to_heads(x.unsqueeze(0), ulysses_group)[0] for x in (q, k, v))  # the ring shard, H/u heads
+    out = ring_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, layout=layout, group=ring_group,
+                         window=window, cu_seqlens=cu_seqlens)
+    return heads_to_seq(out.unsqueeze(0), ulysses_group)[0]

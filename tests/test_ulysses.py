@@ -72,9 +72,74 @@ def run_cases(rank, world_size, cases):
     return results
 
 
+PACKED = [(u, r, layout) for u, r in ((2, 2), (4, 1), (1, 4)) for layout in ("zigzag", "striped", "contiguous")]
+
+
+def packed_lengths(u, r, layout):
+    """Three sequence lengths (odd ones, so the layout pads them) whose padded ring shard splits over u."""
+    multiple = r * (2 if layout == "zigzag" else 1)
+    padded = lambda n: -(-n // multiple) * multiple  # noqa: E731
+    last = next(n for n in range(1, 4 * multiple * u) if (padded(7) + padded(13) + padded(n)) // r % u == 0)
+    return [7, 13, last]
+
+
+def run_packed_cases(rank, world_size):
+    """usp_attention on packed sequences (cu_seqlens) against float64 attention per sequence: max errors of the
+    gathered output and gradients (rank 0), and the error each rank gets for a shard that does not split."""
+    from dist_attn import usp_attention, usp_gather, usp_shard
+
+    results = {}
+    for u, r, layout in PACKED:
+        ulysses_group, ring_group = make_groups(world_size, u)
+        lengths = packed_lengths(u, r, layout)
+        cu_seqlens = torch.tensor([0] + [sum(lengths[:i + 1]) for i in range(3)], dtype=torch.int32)
+        gen = torch.Generator().manual_seed(sum(lengths) + u)
+        q, k, v, dout = (torch.randn(sum(lengths), h, 8, generator=gen) for h in (4, 2, 2, 4))
+
+        def local(x):
+            return usp_shard(x, layout, rank % u, u, rank // u, r, cu_seqlens=cu_seqlens)
+
+        inputs = [local(x).requires_grad_() for x in (q, k, v)]
+        out = usp_attention(*inputs, causal=True, layout=layout, ulysses_group=ulysses_group, ring_group=ring_group,
+                            cu_seqlens=cu_seqlens)
+        out.backward(local(dout))
+        gathered = [usp_gather(t.detach(), layout, ulysses_group, ring_group, cu_seqlens=cu_seqlens)
+                    for t in (out, *(x.grad for x in inputs))]
+        bounds = cu_seqlens.tolist()
+        refs = [reference_with_grads(*(x[None, a:b] for x in (q, k, v, dout)), True) for a, b in zip(bounds, bounds[1:])]
+        expected = [torch.cat([ref[i][0] for ref in refs]) for i in (0, 2, 3, 4)]
+        results[u, r, layout] = max(max_error(g, e) for g, e in zip(gathered, expected))
+    try:
+        usp_shard(torch.zeros(9, 2, 8), "striped", 0, 2, 0, 1, cu_seqlens=torch.tensor([0, 5, 9], dtype=torch.int32))
+        results["odd"] = None
+    except ValueError as error:
+        results["odd"] = str(error)
+    return results
+
+
+def run_all(rank, world_size, cases):
+    return {"dense": run_cases(rank, world_size, cases),
+            "packed": run_packed_cases(rank, world_size) if world_size == 4 else None}
+
+
 @functools.lru_cache(maxsize=None)
+def world_outcome(world_size):
+    return run_world(world_size, run_all, cases_for(world_size), timeout=600)
+
+
 def world_results(world_size):
-    return run_world(world_size, run_cases, cases_for(world_size), timeout=600)[0]
+    return world_outcome(world_size)[0]["dense"]
+
+
+@pytest.mark.parametrize("u,r,layout", PACKED, ids=[f"u{u}-r{r}-{layout}" for u, r, layout in PACKED])
+def test_packed_sequences_under_ulysses_and_ring(u, r, layout):
+    for rank, result in enumerate(world_outcome(4)):
+        assert result["packed"][u, r, layout] <= GRAD_TOL, (rank, result["packed"][u, r, layout])
+
+
+def test_a_packed_ring_shard_that_does_not_split_is_an_error():
+    message = world_outcome(4)[0]["packed"]["odd"]
+    assert message is not None and "holds 9 tokens" in message and "Ulysses degree 2" in message, message
 
 
 ALL = [(w, c) for w in (2, 4) for c in cases_for(w)]
