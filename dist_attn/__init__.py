@@ -12,5 +12,5 @@ from .ring import ring_attention
 from .sdpa import context_parallel
 from .ulysses import heads_to_seq, seq_to_heads, usp_attention, usp_gather, usp_positions, usp_shard
 
-__all__ = ["LAYOUTS", "context_parallel", "gather", "global_positions", "heads_to_seq", "ring_attention", "seq_to_heads",
-           "shard", "usp_attention", "usp_gather", "usp_positions", "usp_shard"]
+__all__ = ["LAYOUTS", "context_parallel", "gather", "global_positions", "heads_to_seq", "ring_attention",
+           "seq_to_heads", "shard", "usp_attention", "usp_gather", "usp_positions", "usp_shard"]

@@ -27,9 +27,9 @@ def as_group(group, name="group"):
     if isinstance(group, DeviceMesh):
         if group.ndim != 1:
             names = group.mesh_dim_names or ()
-            raise ValueError(f"{name}: a DeviceMesh of {group.ndim} dimensions {names} does not say which dimension the "
-                             f"sequence is sharded over; pass one dimension, e.g. mesh[{names[-1]!r}]" if names else
-                             f"{name}: pass a one-dimensional DeviceMesh; got one of {group.ndim} dimensions")
+            hint = f"pass one dimension, e.g. mesh[{names[-1]!r}]" if names else "pass a one-dimensional DeviceMesh"
+            raise ValueError(f"{name}: a DeviceMesh of {group.ndim} dimensions {names} does not say which dimension "
+                             f"the sequence is sharded over; {hint}")
         return group.get_group()
     return group
 

@@ -31,7 +31,8 @@ import zlib
 import torch
 import torch.distributed as dist
 
-from dist_attn.kernels import flash_attn_backward, flash_attn_forward, flash_attn_varlen_backward, flash_attn_varlen_forward
+from dist_attn.kernels import (flash_attn_backward, flash_attn_forward, flash_attn_varlen_backward,
+                               flash_attn_varlen_forward)
 from dist_attn.kernels.positions import mask_band, visible_range
 from dist_attn.kernels.validation import check_causal, check_qkv, check_scale, check_window
 from dist_attn.kernels.varlen import check_cu_seqlens, check_packed, packed_pairs

@@ -85,9 +85,9 @@ def check_pipeline_config(config, groups: SequenceParallelGroups) -> dict:
     grad_accum = str(config.get("data_types", {}).get("grad_accum_dtype", "")).lower()
     bf16 = _enabled(config.get("bf16")) or _enabled(config.get("bfloat16"))  # DeepSpeed reads both names
     if bf16 and grad_accum in DTYPE_NAMES_FP32:
-        raise ValueError("data_types.grad_accum_dtype is fp32 with bf16 enabled: DeepSpeed then picks its BF16_Optimizer, "
-                         "which updates each partition with one rank's partial gradient under sequence parallelism; "
-                         "remove data_types.grad_accum_dtype (ZeRO stage 1 keeps fp32 master weights)")
+        raise ValueError("data_types.grad_accum_dtype is fp32 with bf16 enabled: DeepSpeed then picks its "
+                         "BF16_Optimizer, which updates each partition with one rank's partial gradient under sequence "
+                         "parallelism; remove data_types.grad_accum_dtype (ZeRO stage 1 keeps fp32 master weights)")
     return config
 
 
