@@ -3,10 +3,14 @@ launched with torchrun on 2 gloo ranks, prints an error against one device withi
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -21,9 +25,16 @@ def quickstart_code():
 def test_quickstart_runs_as_written(tmp_path):
     script = tmp_path / "quickstart.py"
     script.write_text(quickstart_code())
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stderr[-3000:]
-    match = re.search(r"max error against one device: (\S+)", out.stdout)
-    assert match, out.stdout[-2000:]
-    assert float(match.group(1)) <= 2e-5, out.stdout
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: a hang kills torchrun and its ranks
+    try:
+        stdout, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"the quick start did not finish within 180 s: {stderr[-2000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
+    match = re.search(r"max error against one device: (\S+)", stdout)
+    assert match, stdout[-2000:]
+    assert float(match.group(1)) <= 2e-5, stdout
