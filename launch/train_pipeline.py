@@ -42,7 +42,7 @@ from launch.train_deepspeed import REPO, DeepSpeedTrainConfig, initialize_engine
     run_steps
 
 DEFAULT_PIPELINE_CONFIG = str(REPO / "launch" / "ds_pipeline.json")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = ("bf16", "fp32")
 
 
 @dataclasses.dataclass
