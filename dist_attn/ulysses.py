@@ -170,8 +170,10 @@ def usp_attention(q, k, v, causal=False, softmax_scale=None, layout="zigzag", ul
     as ``sequence_parallel_groups`` provides), since None would mean the default group to ``ring_attention``.
     """
     ulysses_group, ring_group = as_group(ulysses_group, "ulysses_group"), as_group(ring_group, "ring_group")
-    if cu_seqlens is not None:
-        return _usp_packed(q, k, v, causal, softmax_scale, layout, ulysses_group, ring_group, window, cu_seqlens)
+    packed = cu_seqlens is not None
+    if packed:  # the same path on (1, tokens, heads, headdim) views; the ring's packed path at its end
+        _check_packed(q, k, v, ring_group)
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
     _, _, _, nheads, nheads_kv, headdim = check_qkv(q, k, v)
     scale = check_scale(softmax_scale, headdim)
     window = check_window(window)
@@ -186,18 +188,20 @@ def usp_attention(q, k, v, causal=False, softmax_scale=None, layout="zigzag", ul
             raise ValueError(f"nheads_kv ({nheads_kv}) must divide or be a multiple of the Ulysses degree ({u})")
         k, v = (x.repeat_interleave(u // nheads_kv, dim=2) for x in (k, v))  # one K/V head per Ulysses rank
     q, k, v = (seq_to_heads(x, ulysses_group) for x in (q, k, v))  # (B, u*L, H/u, D): this ring rank's shard
-    if r == 1:  # the whole sequence, in order, is here
+    if packed:
+        out = ring_attention(q[0], k[0], v[0], causal=causal, softmax_scale=scale, layout=layout, group=ring_group,
+                             window=window, cu_seqlens=cu_seqlens)[None]
+    elif r == 1:  # the whole sequence, in order, is here
         out = flash_attn_func(q, k, v, causal=causal, softmax_scale=scale, window=window)
     else:
         check_local_length(layout, q.shape[1])
         out = ring_attention(q, k, v, causal=causal, softmax_scale=scale, layout=layout, group=ring_group,
                              window=window)
-    return heads_to_seq(out, ulysses_group)
+    out = heads_to_seq(out, ulysses_group)
+    return out[0] if packed else out
 
 
-def _usp_packed(q, k, v, causal, softmax_scale, layout, ulysses_group, ring_group, window, cu_seqlens):
-    """usp_attention on packed sequences: the Ulysses all-to-alls on (1, tokens, heads, headdim) views, the
-    ring's packed path on the reassembled ring shard."""
+def _check_packed(q, k, v, ring_group):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             raise ValueError(f"{name} must be a 3-D (local_tokens, heads, headdim) tensor with cu_seqlens; got "
@@ -205,15 +209,3 @@ def _usp_packed(q, k, v, causal, softmax_scale, layout, ulysses_group, ring_grou
     if ring_group is None and dist.is_initialized() and dist.get_world_size() > 1:
         raise ValueError("ring_group must be given with cu_seqlens in a multi-rank world (a group of one for ring "
                          "degree 1): None would run the ring over the default group")
-    _, u = _degree(ulysses_group)
-    nheads, nheads_kv = q.shape[1], k.shape[1]
-    if nheads % u:
-        raise ValueError(f"nheads ({nheads}) must be divisible by the Ulysses degree ({u})")
-    if nheads_kv % u:
-        if u % nheads_kv:
-            raise ValueError(f"nheads_kv ({nheads_kv}) must divide or be a multiple of the Ulysses degree ({u})")
-        k, v = (x.repeat_interleave(u // nheads_kv, dim=1) for x in (k, v))
-    q, k, v = (seq_to_heads(x.unsqueeze(0), ulysses_group)[0] for x in (q, k, v))  # the ring shard, H/u heads
-    out = ring_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, layout=layout, group=ring_group,
-                         window=window, cu_seqlens=cu_seqlens)
-    return heads_to_seq(out.unsqueeze(0), ulysses_group)[0]
