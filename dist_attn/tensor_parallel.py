@@ -75,24 +75,39 @@ def _shard_rows(weight, parts, rank, size, name):
     return blocks[:, rank].reshape(-1, weight.shape[1])
 
 
-class ColumnParallelLinear(nn.Module):
-    """``y = x W^T`` with this rank's rows of W (its output features); the output stays split."""
+class _SplitLinear(nn.Module):
+    """A bias-free linear layer holding this rank's shard of the weight, split along ``partition_dim``."""
+
+    partition_dim: int
 
     def __init__(self, weight_shard, group):
         super().__init__()
         self.group = group
         self.weight = nn.Parameter(weight_shard)
-        _mark(self.weight, 0)
+        _mark(self.weight, self.partition_dim)
+
+    @classmethod
+    def _rows(cls, weight, group, parts=1):
+        """``_shard_rows`` of ``weight`` for this rank of ``group``."""
+        return _shard_rows(weight, parts, dist.get_rank(group), dist.get_world_size(group), cls.__name__)
+
+    @classmethod
+    def _check_bias_free(cls, linear):
+        if linear.bias is not None:
+            raise ValueError(f"{cls.__name__}.from_linear: linear has a bias; only bias-free layers are supported")
+
+
+class ColumnParallelLinear(_SplitLinear):
+    """``y = x W^T`` with this rank's rows of W (its output features); the output stays split."""
+
+    partition_dim = 0
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group, parts=1):
         """This rank's slice of a bias-free ``linear``. ``parts`` > 1 splits each of that many equal row blocks
         (a fused projection such as k/v) separately, so every rank gets whole heads of each part."""
-        if linear.bias is not None:
-            raise ValueError("ColumnParallelLinear.from_linear: linear has a bias; only bias-free layers are supported")
-        shard = _shard_rows(linear.weight.detach(), parts, dist.get_rank(group), dist.get_world_size(group),
-                            "ColumnParallelLinear")
-        return cls(shard.clone(), group)
+        cls._check_bias_free(linear)
+        return cls(cls._rows(linear.weight.detach(), group, parts).clone(), group)
 
     def forward(self, x):
         return F.linear(_CopyToTensorGroup.apply(x, self.group), self.weight)
@@ -101,23 +116,16 @@ class ColumnParallelLinear(nn.Module):
         return f"in_features={self.weight.shape[1]}, out_features_per_rank={self.weight.shape[0]}"
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_SplitLinear):
     """``y = sum over ranks of x_rank W_rank^T``: x arrives split along its features (a column-parallel
     layer's output), this rank holds the matching columns of W; the output is whole on every rank."""
 
-    def __init__(self, weight_shard, group):
-        super().__init__()
-        self.group = group
-        self.weight = nn.Parameter(weight_shard)
-        _mark(self.weight, 1)
+    partition_dim = 1
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group):
-        if linear.bias is not None:
-            raise ValueError("RowParallelLinear.from_linear: linear has a bias; only bias-free layers are supported")
-        shard = _shard_rows(linear.weight.detach().t(), 1, dist.get_rank(group), dist.get_world_size(group),
-                            "RowParallelLinear").t()
-        return cls(shard.contiguous(), group)
+        cls._check_bias_free(linear)
+        return cls(cls._rows(linear.weight.detach().t(), group).t().contiguous(), group)
 
     def forward(self, x):
         return _ReduceFromTensorGroup.apply(F.linear(x, self.weight), self.group)
