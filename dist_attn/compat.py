@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import torch
 
+from dist_attn.comm import as_group
 from dist_attn.groups import sequence_parallel_groups
-from dist_attn.ring import ring_attention
+from dist_attn.ring import _world, ring_attention
 from dist_attn.ulysses import usp_attention
 
 RING_FLASH_ATTN_LAYOUTS = {"ring": "contiguous", "zigzag_ring": "zigzag", "stripe": "striped"}
@@ -87,7 +88,8 @@ def _ring_flash_attn_varlen(name, layout):
         _refuse_unsupported(name, dropout_p, alibi_slopes, return_attn_probs)
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
             raise ValueError(f"{name}: cu_seqlens must be a 1-D tensor of local cumulative lengths")
-        world_size = torch.distributed.get_world_size(group) if torch.distributed.is_initialized() else 1
+        group = as_group(group)
+        _, world_size = _world(group)
         global_cu_seqlens = (cu_seqlens.to(torch.int32) * world_size).cpu()  # each sequence split evenly
         order = _halves_first(cu_seqlens) if layout == "zigzag" else None
         if order is not None:
