@@ -85,12 +85,21 @@ class DeepSpeedTrainConfig(TrainConfig):
         """The keyword degrees of ``sequence_parallel_groups`` beyond Ulysses and ring (none here)."""
         return {}
 
+    def data_parallel(self, world_size) -> int:
+        """The number of replicas in a world of ``world_size`` ranks."""
+        return world_size // self.sp
+
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step and replica."""
+        return 1
+
     def ds_settings(self, world_size=None) -> dict:
         """The DeepSpeed config entries this command line decides (batch entries only with ``world_size``)."""
-        wanted = {"gradient_accumulation_steps": 1, "gradient_clipping": self.grad_clip}
+        steps = self.accumulation_steps()
+        wanted = {"gradient_accumulation_steps": steps, "gradient_clipping": self.grad_clip}
         if world_size is not None:
-            dp = world_size // self.sp
-            wanted |= {"train_batch_size": self.batch, "train_micro_batch_size_per_gpu": self.batch // dp}
+            micro_batch = self.batch // (self.data_parallel(world_size) * steps)
+            wanted |= {"train_batch_size": self.batch, "train_micro_batch_size_per_gpu": micro_batch}
         return wanted
 
 

@@ -92,14 +92,11 @@ class PipelineTrainConfig(DeepSpeedTrainConfig):
             raise ValueError(f"batch ({self.batch}) must be a multiple of data parallel x micro_batches "
                              f"({dp} x {self.micro_batches})")
 
+    def accumulation_steps(self) -> int:
+        return self.micro_batches
+
     def ds_settings(self, world_size=None) -> dict:
-        wanted = {"gradient_accumulation_steps": self.micro_batches, "gradient_clipping": self.grad_clip,
-                  "bf16": {"enabled": self.dtype == "bf16"}}
-        if world_size is not None:
-            dp = self.data_parallel(world_size)
-            wanted |= {"train_batch_size": self.batch,
-                       "train_micro_batch_size_per_gpu": self.batch // (dp * self.micro_batches)}
-        return wanted
+        return super().ds_settings(world_size) | {"bf16": {"enabled": self.dtype == "bf16"}}
 
 
 # --------------------------------------------------------------------------------------------- model
