@@ -1,4 +1,4 @@
-"""Helpers shared by the kernel tests: float64 reference gradients and the low-precision baseline."""
+"""Helpers shared by the tests: float64 reference gradients, the low-precision baseline, ValueError messages."""
 
 from __future__ import annotations
 
@@ -33,3 +33,15 @@ def attention_lowp(q, k, v, causal=False, window=None):
 
 def max_error(actual, expected):
     return (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
+
+
+def value_errors(calls):
+    """{name: the ValueError message of calls[name](), or None when it raised none}."""
+    messages = {}
+    for name, call in calls.items():
+        try:
+            call()
+            messages[name] = None
+        except ValueError as error:
+            messages[name] = str(error)
+    return messages

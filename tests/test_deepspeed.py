@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 pytest.importorskip("deepspeed")
 
-from attention_checks import max_error, reference_with_grads  # noqa: E402
+from attention_checks import max_error, reference_with_grads, value_errors  # noqa: E402
 from launch.spawn import run_world  # noqa: E402
 from train_checks import assert_close, one_process_run  # noqa: E402
 
@@ -104,14 +104,6 @@ def run_attention_case(rank, groups, case):
     return errors
 
 
-def expect_value_error(call):
-    try:
-        call()
-    except ValueError as error:
-        return str(error)
-    return None
-
-
 def run_misuse(groups):
     """Errors the adapter raises instead of computing something wrong (no collective is reached)."""
     from dist_attn.integrations.deepspeed import RingAttention, UlyssesRingAttention
@@ -119,15 +111,15 @@ def run_misuse(groups):
     x = torch.randn(1, 8, 2, 8)
     ring = RingAttention(groups.ring_group, causal=True)
     mqa = torch.randn(1, 8, 1, 8)
-    return {
-        "mask": expect_value_error(lambda: ring(x, x, x, torch.ones(8, 8))),
-        "mask_kwarg": expect_value_error(lambda: ring(x, x, x, attention_mask=torch.ones(8, 8))),
-        "kv_heads": expect_value_error(lambda: UlyssesRingAttention(groups.ulysses_group, groups.ring_group)(x, mqa, mqa)),
-        "batch_dim_idx": expect_value_error(lambda: RingAttention(batch_dim_idx=2)),
-        "layout": expect_value_error(lambda: RingAttention(layout="diagonal")),
-        "none_args_ok": expect_value_error(lambda: RingAttention(groups.ring_group)(
-            torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8), None, attention_mask=None)),
-    }
+    return value_errors({
+        "mask": lambda: ring(x, x, x, torch.ones(8, 8)),
+        "mask_kwarg": lambda: ring(x, x, x, attention_mask=torch.ones(8, 8)),
+        "kv_heads": lambda: UlyssesRingAttention(groups.ulysses_group, groups.ring_group)(x, mqa, mqa),
+        "batch_dim_idx": lambda: RingAttention(batch_dim_idx=2),
+        "layout": lambda: RingAttention(layout="diagonal"),
+        "none_args_ok": lambda: RingAttention(groups.ring_group)(
+            torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8), None, attention_mask=None),
+    })
 
 
 def run_shard_batch(groups):

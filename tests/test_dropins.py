@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from attention_checks import reference_with_grads
+from attention_checks import reference_with_grads, value_errors
 from launch.spawn import run_world
 
 WORLD = 4
@@ -92,18 +92,6 @@ def bare_case(group, layout):
                                    scale=0.3, enable_gqa=True)
         errors[causal] = (gather(out, layout, group, dim=2) - ref).abs().max().item()
     return errors
-
-
-def value_errors(calls):
-    """{name: the ValueError message of calls[name](), or None when it raised none}."""
-    messages = {}
-    for name, call in calls.items():
-        try:
-            call()
-            messages[name] = None
-        except ValueError as error:
-            messages[name] = str(error)
-    return messages
 
 
 def refusals(group):

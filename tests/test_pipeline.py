@@ -24,6 +24,7 @@ import torch
 pytest.importorskip("deepspeed")
 
 from launch import train  # noqa: E402
+from attention_checks import value_errors  # noqa: E402
 from launch.spawn import run_world  # noqa: E402
 from train_checks import assert_close, one_process_run  # noqa: E402
 
@@ -96,16 +97,11 @@ def tensor_parallel_checks(world_size):
               "dup": (column.weight.grad - up.weight.grad[rows]).abs().max().item(),
               "ddown": (row.weight.grad - down.weight.grad[:, rows]).abs().max().item(),
               "marked": [column.weight.tensor_model_parallel, column.weight.partition_dim, row.weight.partition_dim]}
-    for name, make in {"bias": lambda: ColumnParallelLinear.from_linear(nn.Linear(8, 8), group),
-                       "row_bias": lambda: RowParallelLinear.from_linear(nn.Linear(8, 8), group),
-                       "split": lambda: ColumnParallelLinear.from_linear(nn.Linear(8, 6, bias=False), group),
-                       "parts": lambda: ColumnParallelLinear.from_linear(nn.Linear(8, 12, bias=False), group, 2)}.items():
-        try:
-            make()
-            errors[name] = None
-        except ValueError as error:
-            errors[name] = str(error)
-    return errors
+    return errors | value_errors({
+        "bias": lambda: ColumnParallelLinear.from_linear(nn.Linear(8, 8), group),
+        "row_bias": lambda: RowParallelLinear.from_linear(nn.Linear(8, 8), group),
+        "split": lambda: ColumnParallelLinear.from_linear(nn.Linear(8, 6, bias=False), group),
+        "parts": lambda: ColumnParallelLinear.from_linear(nn.Linear(8, 12, bias=False), group, 2)})
 
 
 def run_training(rank, world_size, runs, ckpt_dir):
