@@ -37,7 +37,8 @@ def _ring_sdpa(options, query, key, value, attn_mask=None, dropout_p=0.0, is_cau
     if attn_mask is not None:
         raise ValueError("scaled_dot_product_attention under dist_attn.context_parallel: attn_mask is not supported "
                          "(a mask of the local shard's shape has no global positions); pass is_causal=True, or call "
-                         "dist_attn.ring_attention with window=")
+                         "dist_attn.ring_attention with window=. Hugging Face models build such a mask from the "
+                         "global position_ids: use attn_implementation=dist_attn.integrations.hf.register() instead")
     if dropout_p != 0.0:
         raise ValueError(f"scaled_dot_product_attention under dist_attn.context_parallel: dropout_p must be 0; got "
                          f"{dropout_p!r} (attention dropout is not supported)")

@@ -186,8 +186,44 @@ def run_bad_inputs(rank, world_size):
         "local_positions": error_of(lambda: sp(input_ids=batch["input_ids"], use_cache=False)),  # HF's arange
         "other_layout": error_of(lambda: sp(**hf.shard_inputs(ids, layout="striped"), use_cache=False)),
         "layout": error_of(lambda: hf.register(layout="diagonal")),
+        "sdpa_under_context_parallel": error_of(lambda: sdpa_model_under_context_parallel(
+            hf.shard_inputs(ids, layout="striped"), "striped")),
         **run_bad_packed_inputs(sp),
     }
+
+
+def sdpa_model_under_context_parallel(batch, layout):
+    """HF's own SDPA path inside ``dist_attn.context_parallel``. transformers passes ``is_causal=True`` and no mask
+    only where a rank's position_ids are consecutive (every rank of the contiguous layout); elsewhere it builds an
+    attn_mask (it reads the jumps as packed-sequence boundaries), which the context manager refuses."""
+    from transformers import AutoModelForCausalLM
+
+    from dist_attn import context_parallel
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(make_config("llama"), attn_implementation="sdpa")
+    with context_parallel(layout=layout):
+        return model, model(**batch, use_cache=False)
+
+
+def run_sdpa_contiguous(rank):
+    """HF Llama with attn_implementation="sdpa" under context_parallel, contiguous layout: rank 0's errors of the
+    gathered logits and the summed gradients against the one-process eager model."""
+    from dist_attn.integrations import hf
+
+    ids, labels = make_data("llama")
+    model, out = sdpa_model_under_context_parallel(hf.shard_inputs(ids, labels=labels, layout="contiguous"),
+                                                   "contiguous")
+    out.loss.backward()
+    hf.all_reduce_gradients(model)
+    logits = hf.gather_logits(out.logits.detach(), layout="contiguous")
+    ref, _ = make_models("llama", "eager")
+    ref_out = ref(input_ids=ids, labels=labels, use_cache=False)
+    ref_out.loss.backward()
+    ref_grads = dict(ref.named_parameters())
+    return {"logits": rel_error(logits, ref_out.logits.detach()),
+            "loss": rel_error(hf.reduce_loss(out.loss), ref_out.loss.detach()),
+            "grads": max(rel_error(p.grad, ref_grads[n].grad) for n, p in model.named_parameters())}
 
 
 def run_bad_packed_inputs(sp):
@@ -215,6 +251,7 @@ def run_everything(rank, world_size, cases):
     results["packed"] = {f"{kind}-{layout}": run_packed_case(rank, kind, layout)
                          for kind, layout in packed_cases(world_size)}
     results["bad"] = run_bad_inputs(rank, world_size)
+    results["sdpa_contiguous"] = run_sdpa_contiguous(rank)
     hf.register()  # back to the defaults for the example (idempotent)
     results["registered"] = hf.registered()["layout"]
     results["train"] = train_hf.main(TRAIN_ARGV)
@@ -285,12 +322,20 @@ def test_bad_inputs_raise_clear_errors(world):
             assert "position_ids must be the global positions" in bad["local_positions"], bad
         assert "position_ids must be the global positions" in bad["other_layout"], bad
         assert "layout" in bad["layout"], bad
+        assert "attn_mask is not supported" in bad["sdpa_under_context_parallel"], bad
+        assert "dist_attn.integrations.hf.register()" in bad["sdpa_under_context_parallel"], bad
         assert result["registered"] == "zigzag"
         assert "cu_seq_lens_q" in bad["hf_varlen"] and "shard_inputs(input_ids, ..., cu_seqlens=" in bad["hf_varlen"], bad
         assert "position_ids must be the global positions" in bad["packed_no_cu"], bad
         assert "dist_attn_cu_seqlens" in bad["packed_no_cu"], bad
         assert "one packed row" in bad["packed_batch"] and "one packed row" in bad["packed_total"], bad
         assert "restart at 0" in bad["packed_positions"], bad
+
+
+def test_hf_sdpa_under_context_parallel_matches_eager_with_the_contiguous_layout(world):
+    _, results = world
+    for result in results:
+        assert max(result["sdpa_contiguous"].values()) <= TOL, result["sdpa_contiguous"]
 
 
 def test_train_example_sequence_parallel_matches_one_process(world, single_train):
