@@ -24,7 +24,6 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 import traceback
 from pathlib import Path
 
@@ -71,7 +70,8 @@ def run_pages(rank, world_size, pages):
                 with contextlib.redirect_stdout(printed):
                     exec(compile(code, f"{page}:{line}", "exec"), namespace)
             except BaseException:
-                outcomes[page] = f"{page}:{line}: rank {rank}:\n{traceback.format_exc()}\nprinted:\n{printed.getvalue()}"
+                outcomes[page] = (f"{page}:{line}: rank {rank}:\n{traceback.format_exc()}\n"
+                                  f"printed:\n{printed.getvalue()}")
                 break
         os.environ.clear()
         os.environ.update(environ)
