@@ -204,3 +204,29 @@ def test_a_wrong_option_is_caught():
     assert parse_with("launch.demo", ["--no-such-option"]) is not None
     assert parse_with("launch.train", ["--steps", "many"]) is not None
     assert parse_with("launch.demo", ["--seqlen", "4096"]) is None
+
+
+# -------------------------------------------------------------------------------------------- links
+
+def slug(heading):
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(page: Path):
+    text = FENCE.sub("", page.read_text())
+    return {slug(match.group(1)) for match in re.finditer(r"^#+ (.*)$", text, re.M)}
+
+
+def test_relative_links_resolve():
+    broken = []
+    for page in PAGES:
+        text = FENCE.sub("", page.read_text())
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            resolved = (page.parent / path).resolve() if path else page
+            if not resolved.exists() or (anchor and anchor not in anchors(resolved)):
+                broken.append(f"{name(page)}: {target}")
+    assert not broken, broken
