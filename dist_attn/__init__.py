@@ -8,9 +8,10 @@ docs/design.md for the design; ``dist_attn.kernels`` holds the single-device ker
 """
 
 from .layouts import LAYOUTS, gather, global_positions, shard
+from .loss import linear_cross_entropy
 from .ring import ring_attention
 from .sdpa import context_parallel
 from .ulysses import heads_to_seq, seq_to_heads, usp_attention, usp_gather, usp_positions, usp_shard
 
-__all__ = ["LAYOUTS", "context_parallel", "gather", "global_positions", "heads_to_seq", "ring_attention",
-           "seq_to_heads", "shard", "usp_attention", "usp_gather", "usp_positions", "usp_shard"]
+__all__ = ["LAYOUTS", "context_parallel", "gather", "global_positions", "heads_to_seq", "linear_cross_entropy",
+           "ring_attention", "seq_to_heads", "shard", "usp_attention", "usp_gather", "usp_positions", "usp_shard"]
