@@ -37,6 +37,7 @@ from dist_attn.kernels.positions import mask_band, visible_range
 from dist_attn.kernels.validation import check_causal, check_qkv, check_scale, check_window
 from dist_attn.kernels.varlen import check_cu_seqlens, check_packed, packed_pairs
 
+from .checkpointing import active_cache
 from .comm import RingComm, as_group
 from .layouts import (LAYOUTS, PackedSegment, check_layout, check_local_length, packed_local_length,
                       packed_segments, segments)
@@ -258,21 +259,32 @@ _TAG_NAMES = {0: "forward K/V ring", 3: "forward reverse K/V ring", 6: "forward 
               11: "backward intra-node dK/dV ring"}
 
 
+def _ring_forward(q, k, v, causal, scale, layout, group, window, backend, bounds, plan, nodes):
+    """The forward ring: (out in q's dtype, float32 LSE (batch, nheads, local_len))."""
+    rank, world_size = _world(group)
+    local_len = q.shape[1]
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full((q.shape[0], q.shape[2], local_len), float("-inf"), device=q.device)
+
+    def visit(kv, source):
+        for q_seg, k_seg in visible_pairs(layout, rank, source, world_size, local_len, causal, window, bounds):
+            _block_forward(q, kv, q_seg, k_seg, scale, causal, window, backend, out, lse)
+
+    # one message per step: (2, batch, seqlen, nheads_kv, headdim)
+    _run_ring(group, torch.stack((k, v)), nodes, plan, visit, _FORWARD_TAGS)
+    return out.to(q.dtype), lse
+
+
 class RingAttnFunc(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, layout, group, window, backend, bounds, plan, nodes):
-        rank, world_size = _world(group)
-        local_len = q.shape[1]
-        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        lse = torch.full((q.shape[0], q.shape[2], local_len), float("-inf"), device=q.device)
-
-        def visit(kv, source):
-            for q_seg, k_seg in visible_pairs(layout, rank, source, world_size, local_len, causal, window, bounds):
-                _block_forward(q, kv, q_seg, k_seg, scale, causal, window, backend, out, lse)
-
-        # one message per step: (2, batch, seqlen, nheads_kv, headdim)
-        _run_ring(group, torch.stack((k, v)), nodes, plan, visit, _FORWARD_TAGS)
-        out = out.to(q.dtype)
+        cache = active_cache()  # inside dist_attn.checkpoint: the recompute replays the forward's out and LSE
+        if cache is not None and cache.replaying:
+            out, lse = cache.replay(q.shape)
+        else:
+            out, lse = _ring_forward(q, k, v, causal, scale, layout, group, window, backend, bounds, plan, nodes)
+            if cache is not None:
+                cache.record(out, lse)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (causal, scale, layout, group, window, backend, bounds, plan, nodes)
         return out

@@ -83,14 +83,16 @@ class Transformer(nn.Module):
         self.norm = nn.LayerNorm(dim, bias=False)
         self.head = nn.Linear(dim, vocab, bias=False)
 
-    def forward(self, ids, positions, layout="zigzag", group=None):
+    def forward(self, ids, positions, layout="zigzag", group=None, return_hidden=False):
         """ids (B, T) and positions (T,): this rank's tokens and their global positions; every rank of
-        ``group`` calls it together. Returns logits (B, T, vocab) for this rank's tokens."""
+        ``group`` calls it together. Returns logits (B, T, vocab) for this rank's tokens, or with
+        ``return_hidden`` the final hidden states (B, T, C) the head would take (for a fused head + loss)."""
         rope = rope_angles(positions, self.headdim)
         x = self.embed(ids)  # (B, T, C)
         for block in self.blocks:
             x = block(x, rope, layout, group)
-        return self.head(self.norm(x))  # (B, T, vocab)
+        x = self.norm(x)
+        return x if return_hidden else self.head(x)  # (B, T, C) or (B, T, vocab)
 
 
 # ------------------------------------------------------------------------------- pipeline and tensor parallel

@@ -63,7 +63,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dist_attn import LAYOUTS, global_positions, shard
+from dist_attn import LAYOUTS, checkpoint_layer, global_positions, linear_cross_entropy, shard
 from dist_attn.comm import group_timeout_s
 from launch.model import Transformer
 from launch.spawn import caused_by_peer, inject_ring_fault, one_line
@@ -114,6 +114,10 @@ class TrainConfig:
     """Also checkpoint every this many steps (0: only at the end); needs save."""
     resume: str | None = None
     """Start from this checkpoint."""
+    checkpoint_layers: bool = False
+    """Recompute every block's activations in the backward, not its ring (dist_attn.checkpoint_layer)."""
+    fused_loss: bool = False
+    """LM head + cross-entropy in tiles, no (tokens x vocab) logits (dist_attn.linear_cross_entropy)."""
 
     def __post_init__(self):
         for name in ("steps", "sp", "seqlen", "batch", "pairs", "dim", "layers", "heads", "kv_heads", "log_every"):
@@ -171,9 +175,12 @@ def parse_config(argv, rank, world_size) -> TrainConfig:
     parser = argparse.ArgumentParser(prog="launch.train", description=__doc__.split("\n\n")[0])
     docs = field_docs(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
+        flag = f"--{field.name.replace('_', '-')}"
+        if isinstance(field.default, bool):
+            parser.add_argument(flag, action="store_true", help=docs[field.name])
+            continue
         kind = str if field.default is None else type(field.default)
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=field.default,
-                            help=docs[field.name])
+        parser.add_argument(flag, type=kind, default=field.default, help=docs[field.name])
     with contextlib.redirect_stderr(io.StringIO()) if rank else contextlib.nullcontext():
         args = parser.parse_args(argv)
         try:
@@ -280,11 +287,21 @@ def learning_rate(cfg, step):
     return cfg.lr * min(1.0, step / cfg.warmup) if cfg.warmup else cfg.lr
 
 
+def loss_share(cfg, model, outputs, labels, n_answers):
+    """This rank's share of the mean loss over ``n_answers`` targets: from the logits, or (``fused_loss``) from
+    the final hidden states and the head's weight without materialising the logits."""
+    if cfg.fused_loss:
+        return linear_cross_entropy(outputs, model.head.weight, labels, num_items_in_batch=n_answers,
+                                    ignore_index=IGNORE)
+    return F.cross_entropy(outputs.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum") / n_answers
+
+
 def train_step(cfg, model, optimizer, step, mesh, device):
     """Step ``step`` (1-based): forward, backward, gradient sync, AdamW update. Returns the loss."""
     ids, labels, positions, n_answers = replica_batch(cfg, step, mesh, device)
-    logits = model(ids, positions, layout=cfg.layout, group=mesh.sp_group)  # (B, T_local, vocab)
-    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum") / n_answers
+    # (B, T_local, vocab) logits, or the (B, T_local, dim) hidden states for the fused loss
+    outputs = model(ids, positions, layout=cfg.layout, group=mesh.sp_group, return_hidden=cfg.fused_loss)
+    loss = loss_share(cfg, model, outputs, labels, n_answers)
     optimizer.zero_grad(set_to_none=False)
     loss.backward()
     loss = sync_gradients(model, loss, mesh)
@@ -328,6 +345,9 @@ class TrainResult(NamedTuple):
 def train(cfg, mesh, device, rank) -> TrainResult:
     torch.manual_seed(cfg.seed)  # the same initial model on every rank
     model = Transformer(cfg.vocab, cfg.dim, cfg.layers, cfg.heads, cfg.kv_heads).to(device)
+    if cfg.checkpoint_layers:
+        for block in model.blocks:
+            checkpoint_layer(block)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     start = load_checkpoint(cfg.resume, model, optimizer) if cfg.resume else 0
     log = tqdm.write if rank == 0 else (lambda line: None)

@@ -48,12 +48,12 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from dist_attn import checkpoint_layer
 from launch.model import Transformer
 from launch.train import IGNORE, TrainConfig, field_docs, init_distributed, launch_world, learning_rate, \
-    make_sequence, pick_device
+    loss_share, make_sequence, pick_device
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DS_CONFIG = str(REPO / "launch" / "ds_zero2.json")
@@ -164,6 +164,9 @@ def build_model(cfg, groups, device):
     core = UlyssesRingAttention(groups.ulysses_group, groups.ring_group, causal=True, layout=cfg.layout)
     model = Transformer(cfg.vocab, cfg.dim, cfg.layers, cfg.heads, cfg.kv_heads,
                         attention=lambda q, k, v, layout, group: core(q, k, v))  # core holds layout and groups
+    if cfg.checkpoint_layers:
+        for block in model.blocks:
+            checkpoint_layer(block)
     return model.to(device)
 
 
@@ -249,9 +252,8 @@ def train(cfg, groups, device, rank) -> DeepSpeedTrainResult:
 
     def take_step(step):
         ids, labels, positions, n_answers = replica_batch(cfg, step, groups, device)
-        logits = engine(ids, positions, layout=cfg.layout)  # (B, T_local, vocab)
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-                               reduction="sum") / n_answers
+        outputs = engine(ids, positions, layout=cfg.layout, return_hidden=cfg.fused_loss)  # logits or hidden
+        loss = loss_share(cfg, engine.module, outputs, labels, n_answers)
         engine.backward(loss)
         engine.step()
         reported = loss.detach().clone()

@@ -8,7 +8,8 @@ SequenceParallelPipelineModule``); with ``--tensor`` every block is split Megatr
 (``launch.model.tensor_parallel_``) and each tensor rank runs the attention of its heads; attention is
 ring attention over the ring group, inside DeepSpeed-Ulysses' all-to-all when ``--ulysses`` > 1. ZeRO stage 1
 (``launch/ds_pipeline.json``), ``--micro-batches`` per step (1F1B schedule), ``--checkpoint-layers``
-recomputes every block in the backward, ``--dtype bf16`` trains in bf16 (fp32 master weights in ZeRO).
+recomputes every block in the backward but not its ring (``dist_attn.checkpoint_layer``), ``--dtype bf16``
+trains in bf16 (fp32 master weights in ZeRO).
 
     torchrun --nproc_per_node 4 -m launch.train_pipeline --pipeline 2 --ring 2
     torchrun --nproc_per_node 4 -m launch.train_pipeline --pipeline 2 --tensor 2 --micro-batches 4 --batch 8
@@ -36,7 +37,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from launch.model import Transformer, pipeline_layers, tensor_parallel_
+from dist_attn import checkpoint_layer
+from launch.model import BlockStage, Transformer, pipeline_layers, tensor_parallel_
 from launch.train import IGNORE, make_sequence
 from launch.train_deepspeed import REPO, DeepSpeedTrainConfig, initialize_engine, launch_main, load_ds_config, \
     run_steps
@@ -54,7 +56,7 @@ class PipelineTrainConfig(DeepSpeedTrainConfig):
     micro_batches: int = 1
     """Micro-batches per step and replica (DeepSpeed's gradient accumulation steps; 1F1B schedule)."""
     checkpoint_layers: bool = False
-    """Recompute every transformer block in the backward (DeepSpeed activation checkpointing)."""
+    """Recompute every transformer block's activations in the backward, not its ring (dist_attn.checkpoint_layer)."""
     dtype: str = "fp32"
     """fp32 or bf16 (DeepSpeed bf16: bf16 weights and activations, fp32 master weights in ZeRO-1)."""
     deepspeed: str = DEFAULT_PIPELINE_CONFIG
@@ -65,6 +67,9 @@ class PipelineTrainConfig(DeepSpeedTrainConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1; got {value!r}")
+        if self.fused_loss:
+            raise ValueError("fused_loss is not supported by launch.train_pipeline: the pipeline engine gives the "
+                             "loss function the last stage's logits")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {self.dtype!r}")
         super().__post_init__()  # the model, Ulysses and ring checks
@@ -117,10 +122,13 @@ def build_module(cfg, groups, device):
     if cfg.tensor > 1:
         tensor_parallel_(model, groups.tensor_group)
     layers = pipeline_layers(model.to(device), cfg.layout, groups.ring_group)
+    if cfg.checkpoint_layers:  # ours, not DeepSpeed's activation checkpointing (which would re-run the ring)
+        for layer in layers:
+            if isinstance(layer, BlockStage):
+                checkpoint_layer(layer)
     return SequenceParallelPipelineModule(
         layers, groups, config=load_ds_config(cfg, dist.get_world_size()), loss_fn=share_of_loss,
-        partition_method="uniform", activation_checkpoint_interval=1 if cfg.checkpoint_layers else 0,
-        checkpointable_layers=["BlockStage"])
+        partition_method="uniform")
 
 
 def share_of_loss(logits, target):

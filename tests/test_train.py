@@ -64,6 +64,7 @@ def world2(tmp_path_factory):
         ("first_half", ["--sp", "2", "--steps", "3", "--save", ckpt]),
         ("resumed", ["--sp", "2", "--steps", str(STEPS), "--resume", ckpt]),
         ("sp4_in_world2", ["--sp", "4"]),
+        ("sp2_ckpt_fused", ["--sp", "2", "--steps", str(STEPS), "--checkpoint-layers", "--fused-loss"]),
     ]
     return run_world(2, run_mains, runs, timeout=120)
 
@@ -90,7 +91,8 @@ def test_the_task_is_learnable(single):
     assert last < first - 0.3, f"mean loss of the first 5 steps {first:.4f}, of the last 5 {last:.4f}: {losses}"
 
 
-@pytest.mark.parametrize("world,run", [("world2", "sp2"), ("world2", "sp2_striped"), ("world4", "sp4")])
+@pytest.mark.parametrize("world,run", [("world2", "sp2"), ("world2", "sp2_striped"), ("world4", "sp4"),
+                                       ("world2", "sp2_ckpt_fused")])
 def test_sequence_parallel_losses_match_one_process(single, world, run, request):
     ranks = request.getfixturevalue(world)
     expected = single.losses[:STEPS]
@@ -107,6 +109,15 @@ def test_data_x_sequence_parallel_replicas_stay_identical(single, world4):
     assert all(c == checksums[0] for c in checksums), f"parameters differ across ranks: checksums {checksums}"
     # the same global batch (4 sequences) split over 2 replicas: the same losses as one process
     assert_close(losses[0], single.losses[:STEPS], PARITY_RTOL)
+
+
+def test_checkpointed_layers_and_fused_loss_train_like_the_plain_model(world2):
+    """--checkpoint-layers (dist_attn.checkpoint_layer) and --fused-loss (dist_attn.linear_cross_entropy): the same
+    parameters after STEPS steps as the plain sp2 run (so the same gradients every step), to float32 rounding."""
+    for results in world2:
+        (plain_losses, plain_sum), (losses, checksum) = results["sp2"], results["sp2_ckpt_fused"]
+        assert_close(losses, plain_losses, PARITY_RTOL)
+        assert abs(checksum - plain_sum) <= 1e-6 * abs(plain_sum), (checksum, plain_sum)
 
 
 def test_resume_continues_the_uninterrupted_run(world2):

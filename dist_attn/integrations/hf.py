@@ -310,6 +310,43 @@ def causal_lm_loss(local_logits, local_shift_labels, num_items_in_batch=None, gr
     return total / num_items_in_batch
 
 
+# config attributes that change the logits after the LM head: a fused head + loss would silently skip them
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def fused_causal_lm_loss(model, hidden_states, local_shift_labels, num_items_in_batch=None, group=None,
+                         ignore_index=IGNORE_INDEX, **chunks):
+    """``causal_lm_loss`` from the final hidden states and the model's LM head, without the (tokens x vocab) logits
+    (``dist_attn.linear_cross_entropy``): ``hidden_states`` (B, T_local, hidden) from the base model, e.g.
+    ``model.model(input_ids=..., position_ids=..., use_cache=False).last_hidden_state``. Models that transform
+    their logits after the head (``final_logit_softcapping``, ``logit_scale``, ``logits_scaling``) are refused.
+    ``chunks``: ``chunk_tokens`` / ``chunk_vocab`` of ``linear_cross_entropy``."""
+    from dist_attn.loss import linear_cross_entropy
+
+    config = getattr(model, "config", None)
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(config, name, None)
+        if value is not None and value != 1:
+            raise ValueError(f"fused_causal_lm_loss: the model's config sets {name}={value!r}, which changes the "
+                             f"logits after the LM head; compute the logits and use causal_lm_loss instead")
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"fused_causal_lm_loss: the model's output embeddings must be a torch.nn.Linear; got "
+                         f"{type(head).__name__}")
+    return linear_cross_entropy(hidden_states, head.weight, local_shift_labels, bias=head.bias,
+                                num_items_in_batch=num_items_in_batch, group=group, ignore_index=ignore_index,
+                                **chunks)
+
+
+def gradient_checkpointing_enable(model):
+    """Hugging Face's gradient checkpointing with ``dist_attn.checkpoint`` as its function: every decoder layer's
+    activations are recomputed in the backward, its ring attention is not (the output and LSE of the forward are
+    kept). The model must be in training mode, as for ``model.gradient_checkpointing_enable()``."""
+    from dist_attn.checkpointing import checkpoint
+
+    model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=checkpoint)
+
+
 def reduce_loss(local_loss, group=None):
     """The global loss from every rank's share (all-reduce SUM of the detached value; a collective)."""
     group = as_group(group)
