@@ -123,22 +123,23 @@ class BlockStage(nn.Module):
 
 
 class HeadStage(nn.Module):
-    """The last pipeline layer: (hidden, positions) -> logits (B, T, vocab)."""
+    """The last pipeline layer: (hidden, positions) -> logits (B, T, vocab), or with ``fused`` (final hidden
+    states (B, T, C), the head's weight) for a loss function that fuses the head (``linear_cross_entropy``)."""
 
-    def __init__(self, norm, head):
+    def __init__(self, norm, head, fused=False):
         super().__init__()
-        self.norm, self.head = norm, head
+        self.norm, self.head, self.fused = norm, head, fused
 
     def forward(self, inputs):
         x, _ = inputs
-        return self.head(self.norm(x))
+        return (self.norm(x), self.head.weight) if self.fused else self.head(self.norm(x))
 
 
-def pipeline_layers(model: Transformer, layout="zigzag", group=None) -> list[nn.Module]:
+def pipeline_layers(model: Transformer, layout="zigzag", group=None, fused_head=False) -> list[nn.Module]:
     """``model`` as a list of pipeline layers (embedding, every block, norm + head) computing the same
-    function as ``model(ids, positions, layout, group)``, sharing its parameters."""
+    function as ``model(ids, positions, layout, group)``, sharing its parameters (``fused_head``: see HeadStage)."""
     return ([EmbedStage(model.embed)] + [BlockStage(block, model.headdim, layout, group) for block in model.blocks]
-            + [HeadStage(model.norm, model.head)])
+            + [HeadStage(model.norm, model.head, fused_head)])
 
 
 def tensor_parallel_(model: Transformer, group) -> Transformer:

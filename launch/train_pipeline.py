@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dist_attn import checkpoint_layer
+from dist_attn import checkpoint_layer, linear_cross_entropy
 from launch.model import BlockStage, Transformer, pipeline_layers, tensor_parallel_
 from launch.train import IGNORE, make_sequence
 from launch.train_deepspeed import REPO, DeepSpeedTrainConfig, initialize_engine, launch_main, load_ds_config, \
@@ -67,9 +67,6 @@ class PipelineTrainConfig(DeepSpeedTrainConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1; got {value!r}")
-        if self.fused_loss:
-            raise ValueError("fused_loss is not supported by launch.train_pipeline: the pipeline engine gives the "
-                             "loss function the last stage's logits")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {self.dtype!r}")
         super().__post_init__()  # the model, Ulysses and ring checks
@@ -121,7 +118,7 @@ def build_module(cfg, groups, device):
     model = Transformer(cfg.vocab, cfg.dim, cfg.layers, cfg.heads, cfg.kv_heads, attention=attention)
     if cfg.tensor > 1:
         tensor_parallel_(model, groups.tensor_group)
-    layers = pipeline_layers(model.to(device), cfg.layout, groups.ring_group)
+    layers = pipeline_layers(model.to(device), cfg.layout, groups.ring_group, fused_head=cfg.fused_loss)
     if cfg.checkpoint_layers:  # ours, not DeepSpeed's activation checkpointing (which would re-run the ring)
         for layer in layers:
             if isinstance(layer, BlockStage):
@@ -131,10 +128,14 @@ def build_module(cfg, groups, device):
         partition_method="uniform")
 
 
-def share_of_loss(logits, target):
-    """This rank's share of the global mean loss: cross-entropy summed over its tokens, times ``scale``."""
+def share_of_loss(outputs, target):
+    """This rank's share of the global mean loss: cross-entropy summed over its tokens, times ``scale``. ``outputs``:
+    the logits, or (hidden states, head weight) from a fused head (``--fused-loss``: no logits are made)."""
     labels, scale = target
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
+    if isinstance(outputs, tuple):
+        hidden, weight = outputs
+        return linear_cross_entropy(hidden, weight, labels, num_items_in_batch=1, ignore_index=IGNORE) * scale
+    return F.cross_entropy(outputs.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
                            reduction="sum") * scale
 
 

@@ -39,7 +39,7 @@ RUNS_4 = {
     "pp4_m4": ["--pipeline", "4", "--micro-batches", "4"],
     "pp2_tp2": ["--pipeline", "2", "--tensor", "2"],
     "pp2_r2_m2_ckpt": ["--pipeline", "2", "--ring", "2", "--micro-batches", "2", "--checkpoint-layers",
-                       "--layout", "striped"],
+                       "--fused-loss", "--layout", "striped"],
     "pp2_r2_bf16": ["--pipeline", "2", "--ring", "2", "--dtype", "bf16"],
 }
 RUNS_8 = {
@@ -276,8 +276,7 @@ def test_allowed_settings_pass_the_check():
     (["--pipeline", "2", "--micro-batches", "3"], ["batch (4)", "data parallel x micro_batches (2 x 3)"]),
     (["--dtype", "fp16"], ["dtype must be one of ['bf16', 'fp32']"]),
     (["--micro-batches", "0"], ["micro_batches must be an int >= 1; got 0"]),
-    (["--fused-loss"], ["fused_loss is not supported by launch.train_pipeline"]),
-], ids=["tensor", "tensor_ulysses", "pipeline", "micro_batches", "dtype", "zero_micro_batches", "fused_loss"])
+], ids=["tensor", "tensor_ulysses", "pipeline", "micro_batches", "dtype", "zero_micro_batches"])
 def test_bad_command_lines_exit_before_any_group(argv, words):
     """launch.train_pipeline's configuration errors: exit code 2 and one line naming the option, decided from
     the world size alone (no process group exists yet)."""
