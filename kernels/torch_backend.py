@@ -14,6 +14,7 @@ from .merge import merge_
 from .positions import Positions, fully_visible, visible_range
 
 CHUNK = 256
+TILE_BYTES = 1 << 19  # float32 tiles stay below this: fewer query rows per tile for many heads x batch
 
 
 def _math_dtype(dtype):
@@ -32,10 +33,11 @@ def _ungrouped(x):
     return x.permute(0, 3, 1, 2, 4).reshape(batch, seqlen, nheads_kv * group, headdim)
 
 
-def _tiles(qpos: Positions, kpos: Positions, below, above):
-    """Yields (q_slice, k_slice, mask) for every tile the band touches; mask is None for full tiles."""
-    for q_start in range(0, qpos.length, CHUNK):
-        q_end = min(q_start + CHUNK, qpos.length)
+def _tiles(qpos: Positions, kpos: Positions, below, above, rows=CHUNK):
+    """Yields (q_slice, k_slice, mask) for every tile (``rows`` queries x CHUNK keys) the band touches, query
+    chunk by query chunk; mask is None for full tiles."""
+    for q_start in range(0, qpos.length, rows):
+        q_end = min(q_start + rows, qpos.length)
         q_first, q_last = qpos.at(q_start), qpos.at(q_end - 1)
         k_lo, k_hi = visible_range(q_first, q_last, kpos, below, above)
         for k_start in range(k_lo, k_hi, CHUNK):
@@ -59,24 +61,27 @@ def forward(q, k, v, scale, qpos: Positions, kpos: Positions, below, above, out_
         return accumulate
     math = _math_dtype(q.dtype)
     nheads_kv = k.shape[2]
-    qg = _grouped(q, nheads_kv).to(math)                      # (B, Hkv, G, Lq, D)
-    kg = k.to(math).permute(0, 2, 1, 3).unsqueeze(2)          # (B, Hkv, 1, Lk, D)
-    vg = v.to(math).permute(0, 2, 1, 3).unsqueeze(2)
+    qg = _grouped(q, nheads_kv)                               # (B, Hkv, G, Lq, D), a view: cast chunk by chunk
+    kg, vg = (x.permute(0, 2, 1, 3).unsqueeze(2) for x in (k, v))  # (B, Hkv, 1, Lk, D), views
     stats_shape = qg.shape[:-1] + (1,)
     row_max = torch.full(stats_shape, float("-inf"), dtype=math, device=q.device)
     row_sum = torch.zeros(stats_shape, dtype=math, device=q.device)
     acc = torch.zeros(qg.shape, dtype=math, device=q.device)
-    for qs, ks, mask in _tiles(qpos, kpos, below, above):
-        scores = (qg[..., qs, :] @ kg[..., ks, :].transpose(-1, -2)) * scale
+    chunk = None
+    for qs, ks, mask in _tiles(qpos, kpos, below, above, _tile_rows(q.shape[0], q.shape[2])):
+        if qs != chunk:
+            chunk, q_c = qs, qg[..., qs, :].to(math)
+        scores = (q_c @ kg[..., ks, :].to(math).transpose(-1, -2)).mul_(scale)  # the tile math runs in place
         if mask is not None:
-            scores = scores.masked_fill(~mask.to(q.device), float("-inf"))
+            scores.masked_fill_(~mask.to(q.device), float("-inf"))
         new_max = torch.maximum(row_max[..., qs, :], scores.amax(dim=-1, keepdim=True))
         safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
-        probs = torch.exp(scores - safe_max)
+        probs = scores.sub_(safe_max).exp_()
         rescale = torch.exp(row_max[..., qs, :] - safe_max)
         row_sum[..., qs, :] = row_sum[..., qs, :] * rescale + probs.sum(dim=-1, keepdim=True)
-        acc[..., qs, :] = acc[..., qs, :] * rescale + probs @ vg[..., ks, :]
+        acc[..., qs, :] = acc[..., qs, :] * rescale + probs @ vg[..., ks, :].to(math)
         row_max[..., qs, :] = new_max
+        del scores, probs  # before the next tile is made
     empty = row_sum == 0
     out = acc / torch.where(empty, torch.ones_like(row_sum), row_sum)
     lse = torch.where(empty, torch.full_like(row_max, float("-inf")), row_max + torch.log(row_sum))
@@ -84,39 +89,58 @@ def forward(q, k, v, scale, qpos: Positions, kpos: Positions, below, above, out_
     return _ungrouped(out).to(out_dtype), lse.reshape(batch, nheads, seqlen_q)
 
 
+def _tile_rows(batch, nheads):
+    """Query rows per tile: CHUNK, fewer when a (batch x nheads x rows x CHUNK) float32 tile would pass
+    TILE_BYTES (a multiple of 16, at least 16)."""
+    rows = TILE_BYTES // (batch * nheads * CHUNK * 4)
+    return max(16, min(CHUNK, rows // 16 * 16))
+
+
 def backward(dout, q, k, v, out, lse, scale, qpos: Positions, kpos: Positions, below, above, accumulate=None):
     """dq, dk, dv in the math dtype, recomputing P = exp(S - lse) tile by tile; with ``accumulate``
-    (float32 dq, dk, dv) added into those and returned."""
-    if accumulate is not None:
-        for total, grad in zip(accumulate, backward(dout, q, k, v, out, lse, scale, qpos, kpos, below, above)):
-            total += grad
-        return accumulate
+    (float32 dq, dk, dv) added into those and returned.
+
+    Memory: besides the gradients, two tiles per call (P and dS, computed in place) and the float32 copies of
+    one query chunk of q and dout and one key tile of k and v; with ``accumulate`` every tile's gradients go straight into (grouped views
+    of) the accumulators, so no block-sized temporaries exist. The sums are those of ``total += block`` when a
+    query chunk meets one key tile (a block of at most CHUNK keys); otherwise the same terms in tile order."""
     math = _math_dtype(q.dtype)
     batch, seqlen_q, nheads, headdim = q.shape
     nheads_kv = k.shape[2]
     group = nheads // nheads_kv
-    qg = _grouped(q, nheads_kv).to(math)
-    dog = _grouped(dout, nheads_kv).to(math)
-    kg = k.to(math).permute(0, 2, 1, 3).unsqueeze(2)
-    vg = v.to(math).permute(0, 2, 1, 3).unsqueeze(2)
-    delta = _grouped((dout.to(math) * out.to(math)).sum(-1, keepdim=True), nheads_kv)  # (B, Hkv, G, Lq, 1)
+    qg, dog, outg = (_grouped(x, nheads_kv) for x in (q, dout, out))  # views; cast chunk by chunk below
+    kt, vt = (x.permute(0, 2, 1, 3) for x in (k, v))  # (B, Hkv, Lk, D) views
     lse = lse.to(math).reshape(batch, nheads_kv, group, seqlen_q, 1)
     # A row with lse = -inf saw no key: make every P entry exp(-inf) = 0 instead of NaN.
     lse = torch.where(lse == float("-inf"), torch.full_like(lse, float("inf")), lse)
-    dq = torch.zeros(qg.shape, dtype=math, device=q.device)
-    dk = torch.zeros(kg.shape, dtype=math, device=q.device)
-    dv = torch.zeros(vg.shape, dtype=math, device=q.device)
-    for qs, ks, mask in _tiles(qpos, kpos, below, above):
-        scores = (qg[..., qs, :] @ kg[..., ks, :].transpose(-1, -2)) * scale
+    if accumulate is None:
+        grads = tuple(torch.zeros(x.shape, dtype=math, device=q.device) for x in (q, k, v))
+    else:
+        grads = accumulate
+    dq = _grouped(grads[0], nheads_kv)
+    dk, dv = (g.permute(0, 2, 1, 3) for g in grads[1:])  # (B, Hkv, Lk, D) views of the results
+    chunk = None
+    for qs, ks, mask in _tiles(qpos, kpos, below, above, _tile_rows(batch, nheads)):
+        if qs != chunk:  # a new query chunk: its float32 q, dout and delta = rowsum(dout * out)
+            chunk, rows = qs, qs.stop - qs.start
+            q_c, do_c = (x[..., qs, :].to(math).contiguous() for x in (qg, dog))  # (B, Hkv, G, rows, D)
+            delta = (do_c * outg[..., qs, :].to(math)).sum(-1, keepdim=True)
+            # the G query heads of a K/V head side by side: (B, Hkv, G * rows, D), one GEMM per tile product
+            q_f, do_f = (x.view(batch, nheads_kv, group * rows, headdim) for x in (q_c, do_c))
+        k_t, v_t = kt[..., ks, :].to(math), vt[..., ks, :].to(math)  # (B, Hkv, cols, D)
+        probs = (q_f @ k_t.transpose(-1, -2)).mul_(scale)  # (B, Hkv, G * rows, cols)
+        tile = probs.view(batch, nheads_kv, group, rows, -1)
         if mask is not None:
-            scores = scores.masked_fill(~mask.to(q.device), float("-inf"))
-        probs = torch.exp(scores - lse[..., qs, :])
-        dv[..., ks, :] += (probs.transpose(-1, -2) @ dog[..., qs, :]).sum(2, keepdim=True)
-        dprobs = dog[..., qs, :] @ vg[..., ks, :].transpose(-1, -2)
-        dscores = probs * (dprobs - delta[..., qs, :]) * scale
-        dq[..., qs, :] += dscores @ kg[..., ks, :]
-        dk[..., ks, :] += (dscores.transpose(-1, -2) @ qg[..., qs, :]).sum(2, keepdim=True)
-    return _ungrouped(dq), _ungrouped(dk), _ungrouped(dv)
+            tile.masked_fill_(~mask.to(q.device), float("-inf"))
+        tile.sub_(lse[..., qs, :]).exp_()  # P = exp(S - lse), in place of the scores
+        dv[..., ks, :] += probs.transpose(-1, -2) @ do_f  # summed over the rows of every head of the group
+        dscores = (do_f @ v_t.transpose(-1, -2))  # dP
+        dscores.view_as(tile).sub_(delta).mul_(tile).mul_(scale)  # dS = P (dP - delta) scale, in place
+        del probs, tile
+        dq[..., qs, :] += (dscores @ k_t).view(batch, nheads_kv, group, rows, headdim)
+        dk[..., ks, :] += dscores.transpose(-1, -2) @ q_f
+        del dscores  # before the next tile is made: two tiles at a time, not three
+    return grads
 
 
 def forward_varlen(q, k, v, scale, pairs, out, lse, accumulate=False):

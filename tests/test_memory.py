@@ -9,26 +9,27 @@ so the thresholds below can be tight. The process RSS would be the alternative, 
 pages, other threads and the profiler itself move it, and neighbours on a shared box make it noisy:
 a leak of a few kilobytes per call would be invisible under any safe threshold.
 
-The peak bound (``peak_bound``), per rank, for the ring's forward + backward with the chunked torch
-backend, float32, on a rank holding ``L`` tokens of ``B`` sequences with ``H`` query heads, ``Hk``
-K/V heads and head dim ``D``::
+The ring's peak (``ring_peak_terms``), per rank, for a forward + backward with the chunked torch backend, on a
+rank holding ``L`` tokens of ``B`` sequences with ``H`` query heads, ``Hk`` K/V heads, head dim ``D``, element
+size ``e`` (2 for bf16, 4 for fp32), ``S = B*L*H*D`` and ``Skv = B*L*Hk*D`` elements. The peak is in the backward,
+while a tile's gradients are computed; the tensors alive then, in bytes:
 
-    peak <= 8 * (S + 2 * Skv) + 10 * T + 1 MiB
-    S   = B * L * H  * D * 4      (bytes of the local q, or out, in float32)
-    Skv = B * L * Hk * D * 4      (bytes of the local k, or v)
-    T   = B * H * min(L, CHUNK)**2 * 4   (one score tile; CHUNK = dist_attn.kernels.torch_backend.CHUNK = 256)
+    inputs      e * (2 S + 2 Skv)     q, k, v and dout (here made before tracing starts: not in the measured peak)
+    out         e * S                 the saved output (for fp32 the forward's accumulator itself)
+    lse         4 * B * H * L
+    dq          4 * S                 float32 accumulator
+    dkv         3 * 4 * 2 Skv         float32 dK/dV: the visiting block's, the previous one in flight, the incoming
+    kv          2 * e * 2 Skv         the K/V message held and the one arriving
+    tiles       2 * 4 * B * H * r * c P and dS of one tile (r query rows, c = min(256, key segment) keys)
+    chunks      4 * B * (2 H r + [e != 4] 2 Hk c) * D   float32 copies of the query chunk of q and dout, and of
+                                      the key tile of k and v (fp32 inputs need no copy of those)
 
-Where it comes from: at the peak of the backward a rank holds the float32 output and the dq
-accumulator, the backend's dq and its ungrouped copy (4 S), K/V for the current and the next step,
-the dK/dV accumulator of the visiting block, the one arriving, the backend's dk/dv and their ungrouped
-copies (12 Skv = 6 x 2 Skv), and a handful of CHUNK x CHUNK tiles per head (scores, masked scores,
-P, dP, dS and temporaries: <= 10 T); 8 rather than 6 leaves room for merge and cast temporaries, 1 MiB
-for small buffers (LSE, masks, row statistics). Nothing is O(L^2): one float32 (L x L) score matrix of
-the local block against a visiting one (B * H * L^2 * 4 bytes) adds 3 * B * H * L^2 * 4 bytes when L
-doubles (12.6 MB from L = 512 to 1024 here) against an allowed increase of 8 * (S + 2 * Skv) at L = 512
-(4.2 MB): the growth check fails on it (verified by injecting one).
-Measured on CPU (world 2, B=1, H=4, Hk=2, D=32, both ranks): zigzag causal 7.69 MB at L=512 and
-11.04 MB at L=1024; contiguous non-causal 8.68 MB and 11.06 MB; bounds 15.73 MB and 19.92 MB.
+with r = min(query segment, the rows that keep a tile under TILE_BYTES). The float32 accumulators (dq and dkv)
+are the part a bf16 ring could halve. Measured on CPU, world 2 (the same on every rank, and for worlds 4 and 8),
+the sum of the terms matches to within 32 KiB (the rest: row statistics, masks, delta), tested below for the
+zigzag causal and contiguous non-causal rings at L=512 and 1024 (B=1, H=4, Hk=2, D=32, fp32) and for GQA 8/2
+heads, head dim 64, L=512 in fp32 and bf16 (the shape of 4096 tokens over 8 ranks). Nothing is O(L^2): one
+float32 (L x L) score matrix would add 3 * B * H * L^2 * 4 bytes when L doubles, and the growth check fails on it.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ from launch.spawn import run_world
 WARMUP, SHORT_RUN, ITERATIONS = 3, 2, 20
 LEAK_SLACK = 16 * 1024  # bytes over 20 calls; a leaked LSE (the smallest per-call tensor, 1.5 KiB) gives 30 KiB
 SHAPE = dict(batch=1, nheads=4, nheads_kv=2, headdim=32)
+GQA_SHAPE = dict(batch=1, nheads=8, nheads_kv=2, headdim=64)  # 4096 tokens over 8 ranks: 512 per rank
+PEAK_SLACK = 32 * 1024  # bytes beyond the named terms: row statistics, masks, delta
 LOCAL_LENGTHS = (512, 1024)
 
 
@@ -79,22 +82,26 @@ def levels_at_markers(fn):
     return levels
 
 
-def peak_bound(batch, local_len, nheads, nheads_kv, headdim):
-    """The documented per-rank peak of the ring's forward + backward (module docstring), in bytes."""
-    from dist_attn.kernels.torch_backend import CHUNK
+def ring_peak_terms(batch, local_len, nheads, nheads_kv, headdim, elem, q_segment, k_segment):
+    """The tensors alive at the peak of the ring's forward + backward (module docstring), in bytes, by name.
+    ``q_segment`` / ``k_segment``: the rows of the query and key segments a kernel call gets (zigzag: L / 2)."""
+    from dist_attn.kernels.torch_backend import CHUNK, _tile_rows
 
-    s = batch * local_len * nheads * headdim * 4
-    s_kv = batch * local_len * nheads_kv * headdim * 4
-    tile = batch * nheads * min(local_len, CHUNK) ** 2 * 4
-    return 8 * (s + 2 * s_kv) + 10 * tile + 2**20
+    s, s_kv = batch * local_len * nheads * headdim, batch * local_len * nheads_kv * headdim
+    rows, cols = min(q_segment, _tile_rows(batch, nheads)), min(k_segment, CHUNK)
+    kv_copies = 0 if elem == 4 else 2 * nheads_kv * cols
+    return {"inputs": elem * (2 * s + 2 * s_kv), "out": elem * s, "lse": 4 * batch * nheads * local_len,
+            "dq": 4 * s, "dkv": 3 * 4 * 2 * s_kv, "kv": 2 * elem * 2 * s_kv,
+            "tiles": 2 * 4 * batch * nheads * rows * cols,
+            "chunks": 4 * batch * (2 * nheads * rows + kv_copies) * headdim}
 
 
-def _inputs(local_len, seed=0):
+def _inputs(local_len, seed=0, shape=SHAPE, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
-    b, h, hk, d = SHAPE["batch"], SHAPE["nheads"], SHAPE["nheads_kv"], SHAPE["headdim"]
-    q = torch.randn(b, local_len, h, d, generator=gen).requires_grad_()
-    k, v = (torch.randn(b, local_len, hk, d, generator=gen).requires_grad_() for _ in range(2))
-    return q, k, v, torch.randn(b, local_len, h, d, generator=gen)
+    b, h, hk, d = shape["batch"], shape["nheads"], shape["nheads_kv"], shape["headdim"]
+    q = torch.randn(b, local_len, h, d, generator=gen).to(dtype).requires_grad_()
+    k, v = (torch.randn(b, local_len, hk, d, generator=gen).to(dtype).requires_grad_() for _ in range(2))
+    return q, k, v, torch.randn(b, local_len, h, d, generator=gen).to(dtype)
 
 
 def _growth(call, q, k, v, dout):
@@ -129,17 +136,23 @@ def ring_memory(rank, world_size):
     for layout, causal, window in (("zigzag", True, None), ("striped", False, (5, 3))):
         results[f"growth-{layout}"] = _growth(
             lambda q, k, v: ring_attention(q, k, v, causal=causal, layout=layout, window=window), q, k, v, dout)
-    for layout, causal in (("zigzag", True), ("contiguous", False)):
-        for local_len in LOCAL_LENGTHS:
-            q, k, v, dout = _inputs(local_len, seed=rank)
+    cases = [(layout, causal, local_len, SHAPE, torch.float32) for layout, causal in (("zigzag", True),
+             ("contiguous", False)) for local_len in LOCAL_LENGTHS]
+    cases += [("zigzag", True, 512, GQA_SHAPE, dtype) for dtype in (torch.float32, torch.bfloat16)]
+    for layout, causal, local_len, shape, dtype in cases:
+        q, k, v, dout = _inputs(local_len, seed=rank, shape=shape, dtype=dtype)
 
-            def step():
-                out = ring_attention(q, k, v, causal=causal, layout=layout)
-                torch.autograd.grad(out, (q, k, v), dout)
+        def step():
+            out = ring_attention(q, k, v, causal=causal, layout=layout)
+            torch.autograd.grad(out, (q, k, v), dout)
 
-            step()  # warm-up (caches of the ring plan)
-            results[f"peak-{layout}-{local_len}"] = allocation_trace(step)[1]
+        step()  # warm-up (caches of the ring plan)
+        results[peak_key(layout, local_len, shape, dtype)] = allocation_trace(step)[1]
     return results
+
+
+def peak_key(layout, local_len, shape, dtype):
+    return f"peak-{layout}-{local_len}-{shape['nheads']}-{str(dtype)[6:]}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -172,18 +185,30 @@ def test_ring_memory_does_not_grow():
                 assert abs(net) <= LEAK_SLACK, f"rank {rank} {name}: {net} bytes after {ITERATIONS} calls"
 
 
+def test_ring_peak_memory_is_the_sum_of_its_terms():
+    """Per rank, world 2: the measured peak equals the named terms of ring_peak_terms (without the inputs, made
+    before tracing) to within PEAK_SLACK, for both layouts, L = 512 and 1024, and the GQA shape in fp32 and bf16."""
+    cases = [(layout, n, SHAPE, torch.float32) for layout in ("zigzag", "contiguous") for n in LOCAL_LENGTHS]
+    cases += [("zigzag", 512, GQA_SHAPE, dtype) for dtype in (torch.float32, torch.bfloat16)]
+    for rank, results in enumerate(ring_results()):
+        for layout, n, shape, dtype in cases:
+            segment = n // 2 if layout == "zigzag" else n
+            terms = ring_peak_terms(shape["batch"], n, shape["nheads"], shape["nheads_kv"], shape["headdim"],
+                                    torch.empty(0, dtype=dtype).element_size(), segment, segment)
+            expected = sum(terms.values()) - terms["inputs"]
+            measured = results[peak_key(layout, n, shape, dtype)]
+            assert 0 <= measured - expected <= PEAK_SLACK, (
+                f"rank {rank} {layout} L={n} {shape} {dtype}: measured peak {measured}, terms {expected} {terms}")
+
+
 def test_ring_peak_memory_is_linear_in_the_local_sequence():
-    """Per rank, world 2, L = 512 and 1024: peak <= peak_bound (module docstring) and linear growth in L."""
+    """Per rank, world 2, L = 512 and 1024: doubling L adds at most the sequence terms at L (no L^2 term)."""
     short, long = LOCAL_LENGTHS
     for rank, results in enumerate(ring_results()):
         for layout in ("zigzag", "contiguous"):
-            peaks = {n: results[f"peak-{layout}-{n}"] for n in LOCAL_LENGTHS}
-            bounds = {n: peak_bound(SHAPE["batch"], n, SHAPE["nheads"], SHAPE["nheads_kv"], SHAPE["headdim"])
-                      for n in LOCAL_LENGTHS}
-            for n in LOCAL_LENGTHS:
-                assert peaks[n] <= bounds[n], f"rank {rank} {layout} L={n}: peak {peaks[n]} > bound {bounds[n]}"
-            # doubling L may add at most the sequence term of the bound at L (8 x (S + 2 Skv)): linear growth;
-            # an L x L score matrix would add 3 x B * H * L^2 * 4 bytes (12.6 MB here)
+            peaks = {n: results[peak_key(layout, n, SHAPE, torch.float32)] for n in LOCAL_LENGTHS}
+            # doubling L may add at most 8 x (S + 2 Skv) float32 bytes at L (every sequence term of
+            # ring_peak_terms is below that); an L x L score matrix would add 3 x B * H * L^2 * 4 bytes (12.6 MB here)
             seq_term = 8 * SHAPE["batch"] * short * (SHAPE["nheads"] + 2 * SHAPE["nheads_kv"]) * SHAPE["headdim"] * 4
             assert peaks[long] - peaks[short] <= seq_term, (
                 f"rank {rank} {layout}: peak {peaks[short]} at L={short}, {peaks[long]} at L={long}: grows faster "
