@@ -14,6 +14,7 @@ as usual, with torch's non-reentrant ``torch.utils.checkpoint.checkpoint``.
 from __future__ import annotations
 
 import threading
+import weakref
 
 import torch
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
@@ -90,10 +91,15 @@ def checkpoint_layer(layer: torch.nn.Module) -> torch.nn.Module:
         raise TypeError(f"checkpoint_layer: layer must be a torch.nn.Module; got {type(layer).__name__}")
     if getattr(layer.forward, "_dist_attn_checkpointed", False):
         raise ValueError(f"checkpoint_layer: this {type(layer).__name__} is already checkpointed")
-    forward = layer.forward
+    if "forward" in vars(layer):  # an instance-level forward (another wrapper): keep calling it
+        forward, owner = vars(layer)["forward"], None
+    else:  # the class's forward, with the layer held weakly: no reference cycle layer -> forward -> layer
+        forward, owner = type(layer).forward, weakref.ref(layer)
 
     def checkpointed_forward(*args, **kwargs):
-        return checkpoint(forward, *args, **kwargs)
+        if owner is None:
+            return checkpoint(forward, *args, **kwargs)
+        return checkpoint(forward, owner(), *args, **kwargs)
 
     checkpointed_forward._dist_attn_checkpointed = True
     layer.forward = checkpointed_forward

@@ -107,13 +107,18 @@ def _check(hidden, weight, labels, bias, num_items_in_batch, ignore_index, chunk
 
 
 def _tile(h, weight, bias, v0, v1):
-    """float32 logits of the rows ``h`` (float32) against vocab entries v0..v1-1."""
+    """float32 logits of the rows ``h`` (float32) against vocab entries v0..v1-1 (one new tile)."""
     logits = h @ weight[v0:v1].float().T
-    return logits if bias is None else logits + bias[v0:v1].float()
+    return logits if bias is None else logits.add_(bias[v0:v1].float())
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """rows (tokens, hidden_dim), weight, bias, labels (tokens,), count (0-dim float32) -> 0-dim float32 loss."""
+    """rows (tokens, hidden_dim), weight, bias, labels (tokens,), count (0-dim float32) -> 0-dim float32 loss.
+
+    One float32 tile of logits is alive at a time (its softmax is computed in place). The backward accumulates
+    in float32 the smaller of the two gradients, grad_rows (tokens x dim) or grad_weight (vocab x dim), over the
+    whole loop, and the other one chunk by chunk: with vocab chunks outside when tokens <= vocab, token chunks
+    outside otherwise."""
 
     @staticmethod
     def forward(ctx, rows, weight, bias, labels, count, ignore_index, chunk_tokens, chunk_vocab):
@@ -129,13 +134,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for v0 in range(0, vocab, chunk_vocab):
                 v1 = min(v0 + chunk_vocab, vocab)
                 logits = _tile(h, weight, bias, v0, v1)
-                new_max = torch.maximum(running_max, logits.amax(dim=1))
-                running_sum = running_sum * torch.exp(running_max - new_max) + \
-                    torch.exp(logits - new_max[:, None]).sum(dim=1)
-                running_max = new_max
                 here = valid & (lab >= v0) & (lab < v1)
                 picked = logits.gather(1, (lab - v0).clamp(0, v1 - v0 - 1)[:, None])[:, 0]
                 target += torch.where(here, picked, 0.0)
+                new_max = torch.maximum(running_max, logits.amax(dim=1))
+                running_sum = running_sum * torch.exp(running_max - new_max) + \
+                    logits.sub_(new_max[:, None]).exp_().sum(dim=1)
+                running_max = new_max
+                del logits  # before the next tile is made
             row_lse = running_max + torch.log(running_sum)
             lse[t0:t0 + chunk_tokens] = row_lse
             total += torch.where(valid, row_lse - target, 0.0).sum()
@@ -150,31 +156,45 @@ class _LinearCrossEntropy(torch.autograd.Function):
         rows, weight, bias, labels, lse, count = ctx.saved_tensors
         ignore_index, chunk_tokens, chunk_vocab = ctx.settings
         want_rows, want_weight, want_bias = ctx.needs_input_grad[:3]
-        vocab = weight.shape[0]
+        tokens, vocab = rows.shape[0], weight.shape[0]
         scale = grad_output.float() / count
-        grad_rows = torch.empty_like(rows) if want_rows else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
-        grad_bias = torch.zeros(vocab, dtype=torch.float32, device=bias.device) if want_bias else None
-        for t0 in range(0, rows.shape[0], chunk_tokens):
-            h, lab = rows[t0:t0 + chunk_tokens].float(), labels[t0:t0 + chunk_tokens]
-            valid = lab != ignore_index
-            coef = torch.where(valid, scale, 0.0)[:, None]  # d loss / d (CE of the row); 0 on ignored rows
-            row_lse = lse[t0:t0 + chunk_tokens, None]
-            grad_h = torch.zeros_like(h) if want_rows else None
-            for v0 in range(0, vocab, chunk_vocab):
-                v1 = min(v0 + chunk_vocab, vocab)
-                grad_logits = torch.exp(_tile(h, weight, bias, v0, v1) - row_lse)  # softmax
+        f32 = dict(dtype=torch.float32, device=rows.device)
+        vocab_outside = tokens <= vocab  # then grad_rows is the float32 accumulator, else grad_weight
+        grad_rows = (torch.zeros(rows.shape, **f32) if vocab_outside else torch.empty_like(rows)) if want_rows else None
+        grad_weight = (torch.empty_like(weight) if vocab_outside else torch.zeros(weight.shape, **f32)) \
+            if want_weight else None
+        grad_bias = torch.zeros(vocab, **f32) if want_bias else None
+        token_chunks = [(t0, min(t0 + chunk_tokens, tokens)) for t0 in range(0, tokens, chunk_tokens)]
+        vocab_chunks = [(v0, min(v0 + chunk_vocab, vocab)) for v0 in range(0, vocab, chunk_vocab)]
+        outer, inner = (vocab_chunks, token_chunks) if vocab_outside else (token_chunks, vocab_chunks)
+        for a0, a1 in outer:
+            part = None  # the float32 gradient of this outer chunk: of weight[v0:v1], or of rows[t0:t1]
+            for b0, b1 in inner:
+                (t0, t1), (v0, v1) = ((b0, b1), (a0, a1)) if vocab_outside else ((a0, a1), (b0, b1))
+                h, lab = rows[t0:t1].float(), labels[t0:t1]
+                valid = lab != ignore_index
+                grad_logits = _tile(h, weight, bias, v0, v1).sub_(lse[t0:t1, None]).exp_()  # softmax
                 here = (valid & (lab >= v0) & (lab < v1)).float()[:, None]
                 grad_logits.scatter_add_(1, (lab - v0).clamp(0, v1 - v0 - 1)[:, None], -here)  # - onehot
-                grad_logits *= coef
+                grad_logits.mul_(torch.where(valid, scale, 0.0)[:, None])  # d loss / d CE of the row; 0 if ignored
                 if want_rows:
-                    grad_h.addmm_(grad_logits, weight[v0:v1].float())
+                    rows_part = grad_rows[t0:t1] if vocab_outside else part
+                    if rows_part is None:
+                        part = rows_part = torch.zeros((t1 - t0, rows.shape[1]), **f32)
+                    rows_part.addmm_(grad_logits, weight[v0:v1].float())
                 if want_weight:
-                    grad_weight[v0:v1].addmm_(grad_logits.T, h)
+                    weight_part = part if vocab_outside else grad_weight[v0:v1]
+                    if weight_part is None:
+                        part = weight_part = torch.zeros((v1 - v0, weight.shape[1]), **f32)
+                    weight_part.addmm_(grad_logits.T, h)
                 if want_bias:
                     grad_bias[v0:v1] += grad_logits.sum(dim=0)
-            if want_rows:
-                grad_rows[t0:t0 + chunk_tokens] = grad_h
-        grad_weight = grad_weight.to(weight.dtype) if want_weight else None
+                del grad_logits  # before the next tile is made
+            if part is not None:  # the outer chunk is complete: cast it once
+                (grad_weight if vocab_outside else grad_rows)[a0:a1] = part
+        if vocab_outside and want_rows:
+            grad_rows = grad_rows.to(rows.dtype)
+        if not vocab_outside and want_weight:
+            grad_weight = grad_weight.to(weight.dtype)
         grad_bias = grad_bias.to(bias.dtype) if want_bias else None
         return grad_rows, grad_weight, grad_bias, None, None, None, None, None

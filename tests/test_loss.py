@@ -76,6 +76,9 @@ CASES = {
     "3d_bias": dict(shape=(2, 37)),
     "3d_no_bias_half_ignored": dict(shape=(3, 21), bias=False, ignored=0.5),
     "one_vocab_chunk_one_token_chunk": dict(shape=(5,), vocab=100),
+    # more tokens than vocab entries: token chunks outside, grad_weight the float32 accumulator
+    "tokens_over_vocab": dict(shape=(4, 75), vocab=200),
+    "tokens_over_vocab_no_bias": dict(shape=(300,), vocab=130, bias=False),
 }
 
 
