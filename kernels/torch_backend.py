@@ -92,7 +92,7 @@ def forward(q, k, v, scale, qpos: Positions, kpos: Positions, below, above, out_
 def _tile_rows(batch, nheads):
     """Query rows per tile: CHUNK, fewer when a (batch x nheads x rows x CHUNK) float32 tile would pass
     TILE_BYTES (a multiple of 16, at least 16)."""
-    rows = TILE_BYTES // (batch * nheads * CHUNK * 4)
+    rows = TILE_BYTES // (max(1, batch * nheads) * CHUNK * 4)  # batch 0: any (there are no rows)
     return max(16, min(CHUNK, rows // 16 * 16))
 
 
@@ -129,7 +129,7 @@ def backward(dout, q, k, v, out, lse, scale, qpos: Positions, kpos: Positions, b
             q_f, do_f = (x.view(batch, nheads_kv, group * rows, headdim) for x in (q_c, do_c))
         k_t, v_t = kt[..., ks, :].to(math), vt[..., ks, :].to(math)  # (B, Hkv, cols, D)
         probs = (q_f @ k_t.transpose(-1, -2)).mul_(scale)  # (B, Hkv, G * rows, cols)
-        tile = probs.view(batch, nheads_kv, group, rows, -1)
+        tile = probs.view(batch, nheads_kv, group, rows, ks.stop - ks.start)
         if mask is not None:
             tile.masked_fill_(~mask.to(q.device), float("-inf"))
         tile.sub_(lse[..., qs, :]).exp_()  # P = exp(S - lse), in place of the scores

@@ -185,7 +185,7 @@ def train_runs(ckpt_dir):
         ("zero2_u2_r2", ["--deepspeed", zero2, "--ulysses", "2", "--ring", "2"]),
         ("zero1_u2_dp2", ["--deepspeed", zero1, "--ulysses", "2"]),
         ("zero2_r2_dp2_striped", ["--deepspeed", zero2, "--ring", "2", "--layout", "striped"]),
-        ("zero1_r4", ["--deepspeed", zero1, "--ring", "4"]),
+        ("zero1_r4_ckpt_fused", ["--deepspeed", zero1, "--ring", "4", "--checkpoint-layers", "--fused-loss"]),
         ("first_part", ["--deepspeed", zero2, "--ulysses", "2", "--ring", "2", "--save", ckpt_dir, "--steps", "3"]),
         ("resumed", ["--deepspeed", zero2, "--ulysses", "2", "--ring", "2", "--resume", ckpt_dir]),
         ("bad_ulysses", ["--deepspeed", zero2, "--ulysses", "4"]),  # kv_heads 2 is not a multiple of 4
@@ -239,7 +239,7 @@ def test_shard_batch_follows_usp_shard(world):
             assert checks["all_positions"] == list(range(24)), (rank, mesh, checks["all_positions"])
 
 
-@pytest.mark.parametrize("name", ["zero2_u2_r2", "zero1_u2_dp2", "zero2_r2_dp2_striped", "zero1_r4"])
+@pytest.mark.parametrize("name", ["zero2_u2_r2", "zero1_u2_dp2", "zero2_r2_dp2_striped", "zero1_r4_ckpt_fused"])
 def test_zero_training_matches_one_process(world, single, name):
     """Same losses and parameters; the same gradient norms too, which checks the scale of DeepSpeed's
     reduction (summed over SP, averaged over replicas) that Adam and clipping would otherwise hide."""

@@ -25,21 +25,44 @@ SM90_SHARED_MEMORY = 232448  # bytes per block on sm_90 (227 KiB)
 ATTENTION_KERNELS = {"fwd_kernel", "bwd_dkdv", "bwd_dq"}
 
 
-def compile_reports(tmp_dir, *args):
+OTHER_DTYPES = {"fp16": ["2", "1024", "8", "2", "96"], "fp32": ["2", "1024", "8", "2", "64"]}
+
+
+def start_compile(tmp_dir, *args):
+    """Starts ``benchmarks.kernel_static`` for ``args`` in a subprocess (one compile is single-threaded: the three
+    of this module run side by side)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     env["PYTHONPATH"] = str(ROOT)
     env["TRITON_CACHE_DIR"] = str(tmp_dir / "triton-cache")  # compile everything: no cache from earlier runs
-    run = subprocess.run([sys.executable, "-m", "benchmarks.kernel_static", "--json", "--out-dir", str(tmp_dir),
-                          *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200)
-    assert run.returncode == 0, run.stderr[-4000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return subprocess.Popen([sys.executable, "-m", "benchmarks.kernel_static", "--json", "--out-dir", str(tmp_dir),
+                             *args], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def reports_of(proc):
+    try:
+        stdout, stderr = proc.communicate(timeout=1200)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("benchmarks.kernel_static did not finish within 1200 s")
+    assert proc.returncode == 0, stderr[-4000:]
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
-def bf16_reports(tmp_path_factory):
-    """bf16, head dim 128, Llama-3-8B-like heads (32 / 8): every case of the static check."""
-    return compile_reports(tmp_path_factory.mktemp("static"), "--shape", "4", "4096", "32", "8", "128")
+def all_reports(tmp_path_factory):
+    """bf16, head dim 128, Llama-3-8B-like heads (32 / 8): every case of the static check; and fp16 with a padded
+    head dim (96 -> 128) and the float32 (IEEE) path for the ring forward and the backward."""
+    procs = {"bf16": start_compile(tmp_path_factory.mktemp("static"), "--shape", "4", "4096", "32", "8", "128")}
+    for dtype, shape in OTHER_DTYPES.items():
+        procs[dtype] = start_compile(tmp_path_factory.mktemp(f"static-{dtype}"), "--dtype", dtype, "--shape",
+                                     *shape, "--cases", "ring-fwd", "bwd")
+    return {dtype: reports_of(proc) for dtype, proc in procs.items()}
+
+
+@pytest.fixture(scope="module")
+def bf16_reports(all_reports):
+    return all_reports["bf16"]
 
 
 def label(r):
@@ -87,10 +110,9 @@ def test_tma_where_the_launcher_turns_it_on(bf16_reports):
             assert r["tma_loads"] > 0, f"{label(r)}: no cp.async.bulk.tensor load"
 
 
-@pytest.mark.parametrize("dtype,shape", [("fp16", ["2", "1024", "8", "2", "96"]),
-                                         ("fp32", ["2", "1024", "8", "2", "64"])])
-def test_other_dtypes_compile_and_fit(tmp_path, dtype, shape):
+@pytest.mark.parametrize("dtype", OTHER_DTYPES)
+def test_other_dtypes_compile_and_fit(all_reports, dtype):
     """fp16 with a padded head dim (96 -> 128) and the float32 (IEEE) path: compile and fit."""
-    reports = compile_reports(tmp_path, "--dtype", dtype, "--shape", *shape, "--cases", "ring-fwd", "bwd")
+    reports = all_reports[dtype]
     assert {r["kernel"] for r in reports} == ATTENTION_KERNELS | {"bwd_preprocess"}
     assert all(r["shared"] <= SM90_SHARED_MEMORY for r in reports)
