@@ -101,9 +101,10 @@ def backward(dout, q, k, v, out, lse, scale, qpos: Positions, kpos: Positions, b
     (float32 dq, dk, dv) added into those and returned.
 
     Memory: besides the gradients, two tiles per call (P and dS, computed in place) and the float32 copies of
-    one query chunk of q and dout and one key tile of k and v; with ``accumulate`` every tile's gradients go straight into (grouped views
-    of) the accumulators, so no block-sized temporaries exist. The sums are those of ``total += block`` when a
-    query chunk meets one key tile (a block of at most CHUNK keys); otherwise the same terms in tile order."""
+    one query chunk of q and dout and one key tile of k and v; with ``accumulate`` every tile's gradients go
+    straight into (grouped views of) the accumulators, so no block-sized temporaries exist. The sums are those
+    of ``total += block`` when a query chunk meets one key tile (a block of at most CHUNK keys); otherwise the
+    same terms in tile order."""
     math = _math_dtype(q.dtype)
     batch, seqlen_q, nheads, headdim = q.shape
     nheads_kv = k.shape[2]
@@ -134,7 +135,7 @@ def backward(dout, q, k, v, out, lse, scale, qpos: Positions, kpos: Positions, b
             tile.masked_fill_(~mask.to(q.device), float("-inf"))
         tile.sub_(lse[..., qs, :]).exp_()  # P = exp(S - lse), in place of the scores
         dv[..., ks, :] += probs.transpose(-1, -2) @ do_f  # summed over the rows of every head of the group
-        dscores = (do_f @ v_t.transpose(-1, -2))  # dP
+        dscores = do_f @ v_t.transpose(-1, -2)  # dP
         dscores.view_as(tile).sub_(delta).mul_(tile).mul_(scale)  # dS = P (dP - delta) scale, in place
         del probs, tile
         dq[..., qs, :] += (dscores @ k_t).view(batch, nheads_kv, group, rows, headdim)
@@ -158,11 +159,10 @@ def forward_varlen(q, k, v, scale, pairs, out, lse, accumulate=False):
 
 
 def backward_varlen(dout, q, k, v, out, lse, scale, pairs, dq, dk, dv, accumulate=False):
-    """Adds each packed sequence's gradients into dq, dk, dv (total, H, D), float32 (the sequences' rows
-    do not overlap, so adding is also writing: ``accumulate`` changes nothing here)."""
+    """Adds each packed sequence's gradients into dq, dk, dv (total, H, D), float32, through views of its rows
+    (the sequences' rows do not overlap, so adding is also writing: ``accumulate`` changes nothing here)."""
     for pair in pairs:
         rows, cols = pair.q_rows, pair.k_rows
-        grads = backward(dout[None, rows], q[None, rows], k[None, cols], v[None, cols], out[None, rows],
-                         lse[None, :, rows], scale, pair.q, pair.k, pair.below, pair.above)
-        for total, grad, span in zip((dq, dk, dv), grads, (rows, cols, cols)):
-            total[span] += grad[0]
+        backward(dout[None, rows], q[None, rows], k[None, cols], v[None, cols], out[None, rows], lse[None, :, rows],
+                 scale, pair.q, pair.k, pair.below, pair.above, accumulate=(dq[None, rows], dk[None, cols],
+                                                                             dv[None, cols]))
