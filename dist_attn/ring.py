@@ -1,7 +1,8 @@
 """Ring attention: exact attention over a sequence sharded across the ranks of a process group.
 
 Algorithm (Liu et al. 2023, "Ring Attention with Blockwise Transformers"; zigzag balancing as in
-ring-flash-attention). Each rank keeps its queries. For w steps, K and V (one packed buffer) travel
+ring-flash-attention). Each rank keeps its queries. For w steps, K and V (one buffer: K and V side by side on the head dim, so
+MLA's narrower V costs no padding) travel
 one rank around the ring; at step s rank r holds the block of rank (r - s) mod w, starts sending it on
 (``RingComm``) and, meanwhile, runs the local kernel for every (query segment, key segment) pair of
 global positions that the mask leaves visible: pairs the causal mask or window removes entirely are
@@ -9,7 +10,9 @@ skipped without a kernel launch. Partial results merge in float32 inside the ker
 (``accumulate=``, the ``dist_attn.kernels.merge`` rule) and are cast once.
 
 Backward: the same ring. P = exp(S - lse) is recomputed with the *global* LSE saved by the forward, so
-each block's gradients are exact without any merge. dQ accumulates at home; the float32 dK/dV
+each block's gradients are exact without any merge. Attention sinks (one logit per query head) enter that
+global LSE once, after the last step (``merge.add_sinks_``), and their gradient needs only it and the
+output (``merge.sinks_grad``): no ring step sees them. dQ accumulates at home; the float32 dK/dV
 accumulator of each block travels with it on a second ring and arrives home after w hops.
 
 Two variations of the schedule, same results: with a sliding window only the blocks some rank needs
@@ -33,8 +36,9 @@ import torch.distributed as dist
 
 from dist_attn.kernels import (flash_attn_backward, flash_attn_forward, flash_attn_varlen_backward,
                                flash_attn_varlen_forward)
+from dist_attn.kernels.merge import add_sinks_, sinks_grad
 from dist_attn.kernels.positions import mask_band, visible_range
-from dist_attn.kernels.validation import check_causal, check_qkv, check_scale, check_window
+from dist_attn.kernels.validation import check_causal, check_qkv, check_scale, check_sinks, check_softcap, check_window
 from dist_attn.kernels.varlen import check_cu_seqlens, check_packed, packed_pairs
 
 from .checkpointing import active_cache
@@ -69,32 +73,39 @@ def visible_pairs(layout, rank, source, world_size, local_len, causal, window, b
             if _visible(q_seg, k_seg, causal, window)]
 
 
-def _block_forward(q, kv, q_seg, k_seg, scale, causal, window, backend, out, lse):
+def _split(kv, headdim):
+    """(k, v): views of a K/V message (batch, seqlen, nheads_kv, headdim + headdim_v)."""
+    return kv[..., :headdim], kv[..., headdim:]
+
+
+def _block_forward(q, kv, q_seg, k_seg, scale, causal, window, softcap, backend, out, lse):
     """Merges the attention of q's rows ``q_seg`` against kv's rows ``k_seg`` into the float32
     accumulators ``out``, ``lse`` (tensors batch-first; packed input is a batch of one)."""
-    k, v = kv[0][:, k_seg.rows], kv[1][:, k_seg.rows]
+    k, v = (x[:, k_seg.rows] for x in _split(kv, q.shape[-1]))
     rows = q_seg.rows
     if isinstance(q_seg, PackedSegment):
         flash_attn_varlen_forward(q[0, rows], k[0], v[0], scale, causal, q_seg.spans, k_seg.spans, q_seg.stride,
-                                  k_seg.stride, window, backend=backend, accumulate=(out[0, rows], lse[0, :, rows]))
+                                  k_seg.stride, window, softcap=softcap, backend=backend,
+                                  accumulate=(out[0, rows], lse[0, :, rows]))
         return
     flash_attn_forward(q[:, rows], k, v, scale, causal, q_seg.offset, k_seg.offset, q_seg.stride, k_seg.stride,
-                       window, backend=backend, accumulate=(out[:, rows], lse[:, :, rows]))
+                       window, softcap=softcap, backend=backend, accumulate=(out[:, rows], lse[:, :, rows]))
 
 
-def _block_backward(dout, q, kv, out, lse, q_seg, k_seg, scale, causal, window, backend, dq, dkv):
+def _block_backward(dout, q, kv, out, lse, q_seg, k_seg, scale, causal, window, softcap, backend, dq, dkv):
     """Adds the float32 dq, dk, dv of one (query segment, key segment) pair into ``dq`` and ``dkv``
-    (batch-first)."""
+    (batch-first, laid out like the K/V message)."""
     rows, cols = q_seg.rows, k_seg.rows
-    k, v = kv[0][:, cols], kv[1][:, cols]
+    k, v = (x[:, cols] for x in _split(kv, q.shape[-1]))
+    dk, dv = (x[:, cols] for x in _split(dkv, q.shape[-1]))
     if isinstance(q_seg, PackedSegment):
         flash_attn_varlen_backward(dout[0, rows], q[0, rows], k[0], v[0], out[0, rows], lse[0, :, rows], scale,
                                    causal, q_seg.spans, k_seg.spans, q_seg.stride, k_seg.stride, window,
-                                   backend=backend, accumulate=(dq[0, rows], dkv[0][0, cols], dkv[1][0, cols]))
+                                   softcap=softcap, backend=backend, accumulate=(dq[0, rows], dk[0], dv[0]))
         return
     flash_attn_backward(dout[:, rows], q[:, rows], k, v, out[:, rows], lse[:, :, rows], scale, causal,
-                        q_seg.offset, k_seg.offset, q_seg.stride, k_seg.stride, window, backend=backend,
-                        accumulate=(dq[:, rows], dkv[0][:, cols], dkv[1][:, cols]))
+                        q_seg.offset, k_seg.offset, q_seg.stride, k_seg.stride, window, softcap=softcap,
+                        backend=backend, accumulate=(dq[:, rows], dk, dv))
 
 
 def _world(group):
@@ -259,40 +270,43 @@ _TAG_NAMES = {0: "forward K/V ring", 3: "forward reverse K/V ring", 6: "forward 
               11: "backward intra-node dK/dV ring"}
 
 
-def _ring_forward(q, k, v, causal, scale, layout, group, window, backend, bounds, plan, nodes):
-    """The forward ring: (out in q's dtype, float32 LSE (batch, nheads, local_len))."""
+def _ring_forward(q, k, v, sinks, causal, scale, layout, group, window, softcap, backend, bounds, plan, nodes):
+    """The forward ring: (out in q's dtype, float32 LSE (batch, nheads, local_len)), sinks included."""
     rank, world_size = _world(group)
     local_len = q.shape[1]
-    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    out = torch.zeros(q.shape[:3] + v.shape[3:], dtype=torch.float32, device=q.device)
     lse = torch.full((q.shape[0], q.shape[2], local_len), float("-inf"), device=q.device)
 
     def visit(kv, source):
         for q_seg, k_seg in visible_pairs(layout, rank, source, world_size, local_len, causal, window, bounds):
-            _block_forward(q, kv, q_seg, k_seg, scale, causal, window, backend, out, lse)
+            _block_forward(q, kv, q_seg, k_seg, scale, causal, window, softcap, backend, out, lse)
 
-    # one message per step: (2, batch, seqlen, nheads_kv, headdim)
-    _run_ring(group, torch.stack((k, v)), nodes, plan, visit, _FORWARD_TAGS)
+    # one message per step: (batch, seqlen, nheads_kv, headdim + headdim_v)
+    _run_ring(group, torch.cat((k, v), dim=-1), nodes, plan, visit, _FORWARD_TAGS)
+    if sinks is not None:
+        add_sinks_(out, lse, sinks)
     return out.to(q.dtype), lse
 
 
 class RingAttnFunc(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, layout, group, window, backend, bounds, plan, nodes):
+    def forward(ctx, q, k, v, sinks, causal, scale, layout, group, window, softcap, backend, bounds, plan, nodes):
         cache = active_cache()  # inside dist_attn.checkpoint: the recompute replays the forward's out and LSE
         if cache is not None and cache.replaying:
-            out, lse = cache.replay(q.shape)
+            out, lse = cache.replay(q.shape[:3] + v.shape[3:])
         else:
-            out, lse = _ring_forward(q, k, v, causal, scale, layout, group, window, backend, bounds, plan, nodes)
+            out, lse = _ring_forward(q, k, v, sinks, causal, scale, layout, group, window, softcap, backend, bounds,
+                                     plan, nodes)
             if cache is not None:
                 cache.record(out, lse)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (causal, scale, layout, group, window, backend, bounds, plan, nodes)
+        ctx.save_for_backward(q, k, v, sinks, out, lse)
+        ctx.args = (causal, scale, layout, group, window, softcap, backend, bounds, plan, nodes)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        causal, scale, layout, group, window, backend, bounds, plan, nodes = ctx.args
+        q, k, v, sinks, out, lse = ctx.saved_tensors
+        causal, scale, layout, group, window, softcap, backend, bounds, plan, nodes = ctx.args
         rank, world_size = _world(group)
         local_len = q.shape[1]
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -300,17 +314,20 @@ class RingAttnFunc(torch.autograd.Function):
         def visit(kv, source):
             dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
             for q_seg, k_seg in visible_pairs(layout, rank, source, world_size, local_len, causal, window, bounds):
-                _block_backward(dout, q, kv, out, lse, q_seg, k_seg, scale, causal, window, backend, dq, dkv)
+                _block_backward(dout, q, kv, out, lse, q_seg, k_seg, scale, causal, window, softcap, backend, dq,
+                                dkv)
             return dkv
 
-        dkv = _run_ring(group, torch.stack((k, v)), nodes, plan, visit, _BACKWARD_TAGS)
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None, None, None, None, None
+        dkv = _run_ring(group, torch.cat((k, v), dim=-1), nodes, plan, visit, _BACKWARD_TAGS)
+        dk, dv = _split(dkv, q.shape[-1])
+        dsinks = None if sinks is None else sinks_grad(sinks, lse, out, dout)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks) + (None,) * 10
 
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
-_METADATA_FIELDS = ("batch", "local seqlen", "nheads", "nheads_kv", "headdim", "dtype", "layout", "causal",
-                    "window left", "window right", "softmax_scale", "cu_seqlens checksum", "topology",
-                    ENV_LOCAL_WORLD_SIZE)
+_METADATA_FIELDS = ("batch", "local seqlen", "nheads", "nheads_kv", "headdim_qk", "headdim_v", "dtype", "layout",
+                    "causal", "window left", "window right", "softmax_scale", "softcap", "sinks checksum",
+                    "cu_seqlens checksum", "topology", ENV_LOCAL_WORLD_SIZE)
 
 
 def _local_size_setting():
@@ -321,14 +338,20 @@ def _local_size_setting():
     return int(value) if value.strip().isdigit() else -2
 
 
-def _check_peers(q, k, causal, scale, layout, window, group, bounds, topology):
+def _bits(number):
+    """A float's raw bits as an int64 (-1 for None)."""
+    return -1 if number is None else struct.unpack("<q", struct.pack("<d", number))[0]
+
+
+def _check_peers(q, k, v, sinks, causal, scale, layout, window, softcap, group, bounds, topology):
     """One all-gather of every rank's metadata: a mismatch raises the same ValueError on all ranks
     instead of a hang or a silently wrong result."""
     left, right = window if window is not None else (None, None)
     checksum = -1 if bounds is None else zlib.crc32(struct.pack(f"<{len(bounds)}q", *bounds))
-    mine = [q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], _DTYPE_CODES[q.dtype], LAYOUTS.index(layout),
-            int(causal), -1 if left is None else left, -1 if right is None else right,
-            struct.unpack("<q", struct.pack("<d", scale))[0], checksum, TOPOLOGIES.index(topology),
+    sinks_checksum = -1 if sinks is None else zlib.crc32(sinks.detach().float().cpu().numpy().tobytes())
+    mine = [q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3], _DTYPE_CODES[q.dtype],
+            LAYOUTS.index(layout), int(causal), -1 if left is None else left, -1 if right is None else right,
+            _bits(scale), _bits(softcap), sinks_checksum, checksum, TOPOLOGIES.index(topology),
             _local_size_setting()]
     local = torch.tensor(mine, dtype=torch.int64, device=q.device)
     everyone = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
@@ -345,21 +368,26 @@ def _check_peers(q, k, causal, scale, layout, window, group, bounds, topology):
         rows = {name: table[:, _METADATA_FIELDS.index(name)].tolist() for name in differing}
         raise ValueError(f"ring_attention inputs differ across ranks (values per rank, softmax_scale as raw bits): "
                          f"{rows}; every rank must pass the same shapes, dtype, layout, causal, window, scale, "
-                         f"cu_seqlens and topology, and see the same {ENV_LOCAL_WORLD_SIZE}")
+                         f"softcap, sinks, cu_seqlens and topology, and see the same {ENV_LOCAL_WORLD_SIZE}")
 
 
 def ring_attention(q, k, v, causal=False, softmax_scale=None, layout="zigzag", group=None, window=None, *,
-                   cu_seqlens=None, topology="auto", backend=None, check_peers=True):
+                   softcap=None, sinks=None, cu_seqlens=None, topology="auto", backend=None, check_peers=True):
     """Exact attention over a sequence sharded across ``group`` (SPMD: every rank calls it). Differentiable.
 
-    q: (batch, local_seqlen, nheads, headdim); k, v: (batch, local_seqlen, nheads_kv, headdim): this
-    rank's part of the sequence as ``shard(x, layout, rank, world_size)`` gives it. Returns this
-    rank's part of the output, like q. ``layout``: "contiguous", "zigzag" or "striped" (see
-    ``dist_attn.layouts``); ``window=(left, right)`` and ``causal`` act on global positions.
+    q: (batch, local_seqlen, nheads, headdim); k: (batch, local_seqlen, nheads_kv, headdim), v: (batch,
+    local_seqlen, nheads_kv, headdim_v): this rank's part of the sequence as ``shard(x, layout, rank,
+    world_size)`` gives it. Returns this rank's part of the output, (batch, local_seqlen, nheads, headdim_v).
+    ``layout``: "contiguous", "zigzag" or "striped" (see ``dist_attn.layouts``); ``window=(left, right)`` and
+    ``causal`` act on global positions.
+
+    ``softcap``: scores become ``softcap * tanh(scores / softcap)`` (Gemma 2; None or 0: off). ``sinks``:
+    (nheads,) learnable logits (gpt-oss), one virtual key of value 0 per head that every query sees; it enters
+    the global softmax once and gets its gradient (this rank's rows' share, like every weight's).
 
     Packed variable-length sequences: pass ``cu_seqlens``, the *global* cumulative lengths (int32,
     ``(batch + 1,)``, the same on every rank), and q: (local_tokens, nheads, headdim), k, v:
-    (local_tokens, nheads_kv, headdim) as ``shard(x, layout, rank, world_size, cu_seqlens=cu_seqlens)``
+    (local_tokens, nheads_kv, headdim or headdim_v) as ``shard(x, layout, rank, world_size, cu_seqlens=cu_seqlens)``
     gives them (each sequence padded to a multiple of w, 2w for zigzag; see ``dist_attn.layouts``).
     No token attends to another sequence; padded rows give output 0 and get zero gradients.
 
@@ -388,9 +416,11 @@ def ring_attention(q, k, v, causal=False, softmax_scale=None, layout="zigzag", g
                              f"{[b - a for a, b in zip(bounds, bounds[1:])]}) padded for layout={layout!r} and "
                              f"world size {world_size} give each rank {expected}: pass the shard() of the packed batch")
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-    _, local_len, _, _, _, headdim = check_qkv(q, k, v)
+    _, local_len, _, nheads, _, headdim = check_qkv(q, k, v)
     scale = check_scale(softmax_scale, headdim)
     window = check_window(window)
+    softcap = check_softcap(softcap)
+    check_sinks(sinks, nheads, q)
     check_causal(causal)
     if k.shape[1] != local_len:
         raise ValueError(f"q and k must hold the same tokens (one sharded sequence): local seqlen of q is "
@@ -398,8 +428,9 @@ def ring_attention(q, k, v, causal=False, softmax_scale=None, layout="zigzag", g
     if bounds is None:
         check_local_length(layout, local_len)
     if world_size > 1 and check_peers:
-        _check_peers(q, k, causal, scale, layout, window, group, bounds, topology)
+        _check_peers(q, k, v, sinks, causal, scale, layout, window, softcap, group, bounds, topology)
     plan = ring_plan(layout, world_size, local_len, causal, window, bounds)
     nodes = resolve(topology, group, full_ring=plan == (world_size - 1, 0)) if world_size > 1 else None
-    out = RingAttnFunc.apply(q, k, v, causal, scale, layout, group, window, backend, bounds, plan, nodes)
+    out = RingAttnFunc.apply(q, k, v, sinks, causal, scale, layout, group, window, softcap, backend, bounds, plan,
+                             nodes)
     return out if bounds is None else out[0]

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from dist_attn.kernels import flash_attn_func
-from dist_attn.kernels.validation import check_causal, check_qkv, check_scale, check_window
+from dist_attn.kernels.validation import check_causal, check_qkv, check_scale, check_sinks, check_window
 
 from .comm import as_group, record_traffic
 from .layouts import check_layout, check_local_length, chunks_per_rank, gather, global_positions, shard
@@ -158,11 +158,14 @@ def usp_gather(x_local, layout, ulysses_group=None, ring_group=None, dim=None, *
 
 
 def usp_attention(q, k, v, causal=False, softmax_scale=None, layout="zigzag", ulysses_group=None, ring_group=None,
-                  window=None, *, cu_seqlens=None):
+                  window=None, *, softcap=None, sinks=None, cu_seqlens=None):
     """Exact attention over a sequence sharded across Ulysses x ring groups (``usp_shard``). Differentiable.
 
-    q: (batch, local_seqlen, nheads, headdim), k/v: (batch, local_seqlen, nheads_kv, headdim) on every rank
-    of both groups; ``None`` for a group means degree 1. Returns this rank's output, like q.
+    q: (batch, local_seqlen, nheads, headdim), k: (batch, local_seqlen, nheads_kv, headdim), v: (batch,
+    local_seqlen, nheads_kv, headdim_v) on every rank of both groups; ``None`` for a group means degree 1.
+    Returns this rank's output, (batch, local_seqlen, nheads, headdim_v). ``softcap`` and ``sinks`` (nheads,)
+    as in ``ring_attention``: each Ulysses rank uses the sinks of the heads it holds, and d sinks is this
+    rank's share (zero on the other heads).
 
     Packed sequences: ``cu_seqlens`` (global, as for ``ring_attention``) and q: (local_tokens, nheads,
     headdim), k/v: (local_tokens, nheads_kv, headdim) as ``usp_shard(x, ..., cu_seqlens=cu_seqlens)`` places
@@ -177,6 +180,7 @@ def usp_attention(q, k, v, causal=False, softmax_scale=None, layout="zigzag", ul
     _, _, _, nheads, nheads_kv, headdim = check_qkv(q, k, v)
     scale = check_scale(softmax_scale, headdim)
     window = check_window(window)
+    check_sinks(sinks, nheads, q)
     check_causal(causal)
     check_layout(layout)
     _, u = _degree(ulysses_group)
@@ -188,15 +192,18 @@ def usp_attention(q, k, v, causal=False, softmax_scale=None, layout="zigzag", ul
             raise ValueError(f"nheads_kv ({nheads_kv}) must divide or be a multiple of the Ulysses degree ({u})")
         k, v = (x.repeat_interleave(u // nheads_kv, dim=2) for x in (k, v))  # one K/V head per Ulysses rank
     q, k, v = (seq_to_heads(x, ulysses_group) for x in (q, k, v))  # (B, u*L, H/u, D): this ring rank's shard
+    if sinks is not None:  # the sinks of this rank's heads (seq_to_heads gives rank i heads i*H/u ..)
+        heads = nheads // u
+        sinks = sinks[_degree(ulysses_group)[0] * heads:][:heads]
+    features = dict(softmax_scale=scale, window=window, softcap=softcap, sinks=sinks)
     if packed:
-        out = ring_attention(q[0], k[0], v[0], causal=causal, softmax_scale=scale, layout=layout, group=ring_group,
-                             window=window, cu_seqlens=cu_seqlens)[None]
+        out = ring_attention(q[0], k[0], v[0], causal=causal, layout=layout, group=ring_group, cu_seqlens=cu_seqlens,
+                             **features)[None]
     elif r == 1:  # the whole sequence, in order, is here
-        out = flash_attn_func(q, k, v, causal=causal, softmax_scale=scale, window=window)
+        out = flash_attn_func(q, k, v, causal=causal, **features)
     else:
         check_local_length(layout, q.shape[1])
-        out = ring_attention(q, k, v, causal=causal, softmax_scale=scale, layout=layout, group=ring_group,
-                             window=window)
+        out = ring_attention(q, k, v, causal=causal, layout=layout, group=ring_group, **features)
     out = heads_to_seq(out, ulysses_group)
     return out[0] if packed else out
 

@@ -25,3 +25,35 @@ def merge_(out, lse, block_out, block_lse):
     new_weight = torch.exp(block_lse - finite).transpose(1, 2).unsqueeze(-1)
     out.mul_(old_weight).add_(block_out * new_weight)
     lse.copy_(new_lse)
+
+
+# Attention sinks (gpt-oss): a learned logit per query head, a virtual key with value 0. It only enlarges the
+# softmax denominator, so it enters once, in the final LSE: lse' = logaddexp(lse, sink), out' = out *
+# exp(lse - lse'). Applied after all key blocks (in a ring: after the last step), not once per block, it
+# needs no kernel of its own; the backward kernels then use lse' as given, which is exact.
+
+def add_sinks_(out, lse, sinks):
+    """Merges the sinks into the final (out, lse) in place. out: (batch, seqlen, nheads, headdim_v) float32,
+    lse: (batch, nheads, seqlen) float32, sinks: (nheads,). A row that saw no key keeps out 0 and gets
+    lse = its sink."""
+    sink = sinks.detach().float().view(1, -1, 1)
+    new_lse = torch.logaddexp(lse, sink)
+    finite = torch.where(torch.isinf(new_lse), torch.zeros_like(new_lse), new_lse)
+    out.mul_(torch.exp(lse - finite).transpose(1, 2).unsqueeze(-1))
+    lse.copy_(new_lse)
+
+
+ROW_CHUNK = 4096  # rows of dout * out in float32 at a time
+
+
+def sinks_grad(sinks, lse, out, dout):
+    """d loss / d sinks = -sum over batch and rows of exp(sink_h - lse') * delta, with delta =
+    rowsum(dout * out) and lse' the LSE with the sinks in (``add_sinks_``). Float32 (nheads,), cast to
+    sinks.dtype; rows are reduced ``ROW_CHUNK`` at a time so no float32 copy of out exists."""
+    total = torch.zeros(lse.shape[1], dtype=torch.float32, device=lse.device)
+    sink = sinks.detach().float().view(1, -1, 1)
+    for start in range(0, out.shape[1], ROW_CHUNK):
+        rows = slice(start, start + ROW_CHUNK)
+        delta = (dout[:, rows].float() * out[:, rows].float()).sum(-1).transpose(1, 2)  # (batch, nheads, rows)
+        total -= (torch.exp(sink - lse[:, :, rows]) * delta).sum((0, 2))
+    return total.to(sinks.dtype)

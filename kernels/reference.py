@@ -5,13 +5,17 @@ Math runs in float32, or float64 when the inputs are float64. The visibility rul
 docs/design.md: key position ``kp`` is visible from query position ``qp`` when
 ``qp - left <= kp <= qp + right`` (``window=(left, right)``, ``None`` = unlimited) and, if ``causal``,
 ``kp <= qp``. Rows that see no key give output 0 and LSE -inf.
+
+``softcap`` (Gemma 2, flash-attn): scores become ``softcap * tanh(scores / softcap)`` before the mask and the
+softmax. ``sinks`` (gpt-oss): one logit per query head, a virtual key of value 0 that every row sees: it
+enlarges the softmax denominator only (a row that sees no key gives output 0 and LSE = its sink).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .validation import check_causal, check_scale, check_window
+from .validation import check_causal, check_scale, check_sinks, check_softcap, check_window
 
 
 def visibility_mask(q_positions, k_positions, causal, window):
@@ -29,26 +33,30 @@ def visibility_mask(q_positions, k_positions, causal, window):
 
 
 def attention_reference(q, k, v, causal=False, softmax_scale=None, window=None,
-                        q_positions=None, k_positions=None):
-    """Differentiable full-matrix attention.
+                        q_positions=None, k_positions=None, softcap=None, sinks=None):
+    """Differentiable full-matrix attention (also in ``sinks``).
 
-    q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_kv, headdim), with
+    q: (batch, seqlen_q, nheads, headdim); k: (batch, seqlen_k, nheads_kv, headdim), v: (batch, seqlen_k,
+    nheads_kv, headdim_v), with
     ``nheads % nheads_kv == 0`` (GQA/MQA: query head h reads KV head ``h // (nheads // nheads_kv)``).
     q_positions / k_positions: 1-D integer tensors of global positions (default ``arange``).
-    Returns ``out`` (batch, seqlen_q, nheads, headdim) in the math dtype (float32 or float64) and
+    Returns ``out`` (batch, seqlen_q, nheads, headdim_v) in the math dtype (float32 or float64) and
     ``lse`` (batch, nheads, seqlen_q), natural log, same dtype.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D (batch, seqlen, nheads, headdim); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[:3] != v.shape[:3] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"k must be (batch, seqlen_k, nheads_kv, headdim_qk) and v (batch, seqlen_k, nheads_kv, "
+                         f"headdim_v); got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     batch, seqlen_q, nheads, headdim = q.shape
     seqlen_k, nheads_kv = k.shape[1], k.shape[2]
     if nheads_kv == 0 or nheads % nheads_kv != 0:
         raise ValueError(f"nheads ({nheads}) must be divisible by nheads_kv ({nheads_kv}), the number of k/v heads")
     check_window(window)
     check_causal(causal)
+    softcap = check_softcap(softcap)
+    check_sinks(sinks, nheads, q)
     math_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = check_scale(softmax_scale, headdim)
     if q_positions is None:
@@ -67,12 +75,19 @@ def attention_reference(q, k, v, causal=False, softmax_scale=None, window=None,
     kh = k.to(math_dtype).transpose(1, 2).repeat_interleave(group, dim=1)  # (B, H, Lk, D)
     vh = v.to(math_dtype).transpose(1, 2).repeat_interleave(group, dim=1)
     scores = (qh @ kh.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~visible, float("-inf"))
+    if sinks is not None:  # the virtual key: one more column, of value 0
+        sink_column = sinks.to(math_dtype).view(1, nheads, 1, 1).expand(batch, nheads, seqlen_q, 1)
+        scores = torch.cat([scores, sink_column], dim=-1)
     row_max = scores.amax(dim=-1, keepdim=True).detach()
     row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
     unnormalised = torch.exp(scores - row_max)  # masked entries: exp(-inf) = 0
     row_sum = unnormalised.sum(dim=-1, keepdim=True)
     probs = unnormalised / torch.where(row_sum == 0, torch.ones_like(row_sum), row_sum)
+    if sinks is not None:
+        probs = probs[..., :seqlen_k]
     out = (probs @ vh).transpose(1, 2)
     lse = (row_max + torch.log(row_sum)).squeeze(-1)  # log(0) = -inf on fully masked rows
     return out, lse

@@ -51,12 +51,20 @@ def _tiles(qpos: Positions, kpos: Positions, below, above, rows=CHUNK):
             yield slice(q_start, q_end), slice(k_start, k_end), mask
 
 
-def forward(q, k, v, scale, qpos: Positions, kpos: Positions, below, above, out_dtype, accumulate=None):
-    """Returns out (B, Lq, H, D) in ``out_dtype`` and lse (B, H, Lq) in the math dtype: float32, or
+def _softcapped_(scores, softcap):
+    """scores <- softcap * tanh(scores / softcap), in place (no-op for None)."""
+    if softcap is not None:
+        scores.div_(softcap).tanh_().mul_(softcap)
+    return scores
+
+
+def forward(q, k, v, scale, qpos: Positions, kpos: Positions, below, above, out_dtype, accumulate=None,
+            softcap=None):
+    """Returns out (B, Lq, H, Dv) in ``out_dtype`` and lse (B, H, Lq) in the math dtype: float32, or
     float64 for float64 inputs (which only internal callers pass: the demo's chunked reference).
     ``accumulate``: float32 (out, lse) to merge the result into (``merge_``) and return."""
     if accumulate is not None:
-        block_out, block_lse = forward(q, k, v, scale, qpos, kpos, below, above, torch.float32)
+        block_out, block_lse = forward(q, k, v, scale, qpos, kpos, below, above, torch.float32, softcap=softcap)
         merge_(*accumulate, block_out, block_lse)
         return accumulate
     math = _math_dtype(q.dtype)
@@ -66,12 +74,13 @@ def forward(q, k, v, scale, qpos: Positions, kpos: Positions, below, above, out_
     stats_shape = qg.shape[:-1] + (1,)
     row_max = torch.full(stats_shape, float("-inf"), dtype=math, device=q.device)
     row_sum = torch.zeros(stats_shape, dtype=math, device=q.device)
-    acc = torch.zeros(qg.shape, dtype=math, device=q.device)
+    acc = torch.zeros(qg.shape[:-1] + v.shape[-1:], dtype=math, device=q.device)
     chunk = None
     for qs, ks, mask in _tiles(qpos, kpos, below, above, _tile_rows(q.shape[0], q.shape[2])):
         if qs != chunk:
             chunk, q_c = qs, qg[..., qs, :].to(math)
         scores = (q_c @ kg[..., ks, :].to(math).transpose(-1, -2)).mul_(scale)  # the tile math runs in place
+        _softcapped_(scores, softcap)
         if mask is not None:
             scores.masked_fill_(~mask.to(q.device), float("-inf"))
         new_max = torch.maximum(row_max[..., qs, :], scores.amax(dim=-1, keepdim=True))
@@ -96,9 +105,11 @@ def _tile_rows(batch, nheads):
     return max(16, min(CHUNK, rows // 16 * 16))
 
 
-def backward(dout, q, k, v, out, lse, scale, qpos: Positions, kpos: Positions, below, above, accumulate=None):
+def backward(dout, q, k, v, out, lse, scale, qpos: Positions, kpos: Positions, below, above, accumulate=None,
+             softcap=None):
     """dq, dk, dv in the math dtype, recomputing P = exp(S - lse) tile by tile; with ``accumulate``
-    (float32 dq, dk, dv) added into those and returned.
+    (float32 dq, dk, dv) added into those and returned. With ``softcap`` (S = c tanh(s / c)) dS is scaled by
+    the tanh's slope 1 - tanh^2, one more tile.
 
     Memory: besides the gradients, two tiles per call (P and dS, computed in place) and the float32 copies of
     one query chunk of q and dout and one key tile of k and v; with ``accumulate`` every tile's gradients go
@@ -107,7 +118,7 @@ def backward(dout, q, k, v, out, lse, scale, qpos: Positions, kpos: Positions, b
     same terms in tile order."""
     math = _math_dtype(q.dtype)
     batch, seqlen_q, nheads, headdim = q.shape
-    nheads_kv = k.shape[2]
+    nheads_kv, headdim_v = k.shape[2], v.shape[3]
     group = nheads // nheads_kv
     qg, dog, outg = (_grouped(x, nheads_kv) for x in (q, dout, out))  # views; cast chunk by chunk below
     kt, vt = (x.permute(0, 2, 1, 3) for x in (k, v))  # (B, Hkv, Lk, D) views
@@ -127,9 +138,13 @@ def backward(dout, q, k, v, out, lse, scale, qpos: Positions, kpos: Positions, b
             q_c, do_c = (x[..., qs, :].to(math).contiguous() for x in (qg, dog))  # (B, Hkv, G, rows, D)
             delta = (do_c * outg[..., qs, :].to(math)).sum(-1, keepdim=True)
             # the G query heads of a K/V head side by side: (B, Hkv, G * rows, D), one GEMM per tile product
-            q_f, do_f = (x.view(batch, nheads_kv, group * rows, headdim) for x in (q_c, do_c))
+            q_f = q_c.view(batch, nheads_kv, group * rows, headdim)
+            do_f = do_c.view(batch, nheads_kv, group * rows, headdim_v)
         k_t, v_t = kt[..., ks, :].to(math), vt[..., ks, :].to(math)  # (B, Hkv, cols, D)
         probs = (q_f @ k_t.transpose(-1, -2)).mul_(scale)  # (B, Hkv, G * rows, cols)
+        if softcap is not None:
+            slope = torch.square(probs.div_(softcap).tanh_()).neg_().add_(1)  # 1 - tanh^2
+            probs.mul_(softcap)
         tile = probs.view(batch, nheads_kv, group, rows, ks.stop - ks.start)
         if mask is not None:
             tile.masked_fill_(~mask.to(q.device), float("-inf"))
@@ -137,6 +152,9 @@ def backward(dout, q, k, v, out, lse, scale, qpos: Positions, kpos: Positions, b
         dv[..., ks, :] += probs.transpose(-1, -2) @ do_f  # summed over the rows of every head of the group
         dscores = do_f @ v_t.transpose(-1, -2)  # dP
         dscores.view_as(tile).sub_(delta).mul_(tile).mul_(scale)  # dS = P (dP - delta) scale, in place
+        if softcap is not None:
+            dscores.mul_(slope)
+            del slope
         del probs, tile
         dq[..., qs, :] += (dscores @ k_t).view(batch, nheads_kv, group, rows, headdim)
         dk[..., ks, :] += dscores.transpose(-1, -2) @ q_f
@@ -144,13 +162,14 @@ def backward(dout, q, k, v, out, lse, scale, qpos: Positions, kpos: Positions, b
     return grads
 
 
-def forward_varlen(q, k, v, scale, pairs, out, lse, accumulate=False):
+def forward_varlen(q, k, v, scale, pairs, out, lse, accumulate=False, softcap=None):
     """Packed sequences (``PackedPair`` s), one after the other; writes into ``out`` (total_q, H, D)
     and ``lse`` (H, total_q), or with ``accumulate`` merges into the float32 values there."""
     for pair in pairs:
         rows, cols = pair.q_rows, pair.k_rows
         part_out, part_lse = forward(q[None, rows], k[None, cols], v[None, cols], scale, pair.q, pair.k,
-                                     pair.below, pair.above, torch.float32 if accumulate else out.dtype)
+                                     pair.below, pair.above, torch.float32 if accumulate else out.dtype,
+                                     softcap=softcap)
         if accumulate:
             merge_(out[None, rows], lse[None, :, rows], part_out, part_lse)
         else:
@@ -158,11 +177,11 @@ def forward_varlen(q, k, v, scale, pairs, out, lse, accumulate=False):
             lse[:, rows] = part_lse[0]
 
 
-def backward_varlen(dout, q, k, v, out, lse, scale, pairs, dq, dk, dv, accumulate=False):
+def backward_varlen(dout, q, k, v, out, lse, scale, pairs, dq, dk, dv, accumulate=False, softcap=None):
     """Adds each packed sequence's gradients into dq, dk, dv (total, H, D), float32, through views of its rows
     (the sequences' rows do not overlap, so adding is also writing: ``accumulate`` changes nothing here)."""
     for pair in pairs:
         rows, cols = pair.q_rows, pair.k_rows
         backward(dout[None, rows], q[None, rows], k[None, cols], v[None, cols], out[None, rows], lse[None, :, rows],
                  scale, pair.q, pair.k, pair.below, pair.above, accumulate=(dq[None, rows], dk[None, cols],
-                                                                             dv[None, cols]))
+                                                                             dv[None, cols]), softcap=softcap)

@@ -70,12 +70,12 @@ def _configs(kept):
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """float32 gets _IEEE_CONFIG; headdim 256 gets tiles of at most 64 rows (shared memory); _TMA_ONLY
+    """float32 gets _IEEE_CONFIG; a (padded) head dim of 256 gets tiles of at most 64 rows (shared memory); _TMA_ONLY
     configs only run with TMA."""
     meta = {**named_args, **kwargs}
     if meta["PRECISION"] == "ieee":
         return [_IEEE_CONFIG]
-    limit = 64 if meta["BLOCK_D"] >= 256 else 128
+    limit = 64 if max(meta["BLOCK_DQK"], meta["BLOCK_DV"]) >= 256 else 128
 
     def runs_here(c):
         tile = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
@@ -88,7 +88,7 @@ def _prune_configs(configs, named_args, **kwargs):
 _TMA_ONLY = {(128, 128, 8, 2)}
 
 
-_TUNE_KEY = ["seqlen_bucket", "BLOCK_D", "PRECISION", "VARLEN", "ACCUMULATE", "TMA"]
+_TUNE_KEY = ["seqlen_bucket", "BLOCK_DQK", "BLOCK_DV", "PRECISION", "VARLEN", "ACCUMULATE", "TMA", "SOFTCAP"]
 _FWD_TUNE_KEY = _TUNE_KEY + ["FULL"]
 _PRUNE = {"early_config_prune": _prune_configs}
 # Positions and lengths change from ring step to ring step: do not compile a variant per value class.
@@ -239,6 +239,24 @@ def _delta_row(Delta, batch, head, nheads, seqlen_q, stride_lb, stride_lh, VARLE
 
 
 @triton.jit
+def _tanh(x):
+    """tanh from one exp2 (Triton's interpreter has no libdevice tanh): sign(x) (1 - e) / (1 + e) with
+    e = exp(-2|x|) <= 1, so nothing overflows; absolute error about 1e-7."""
+    e = tl.math.exp2(-2.8853900817779268 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _capped(scores, softcap_in, SOFTCAP: tl.constexpr):
+    """Softcap (Gemma 2): c tanh(s scale / c). The kernels return tanh(s * softcap_in), softcap_in = scale / c,
+    and the launcher folds c into qk_scale (c log2(e)) as it folds the softmax scale otherwise."""
+    if SOFTCAP:
+        scores = _tanh(scores * softcap_in)
+    return scores
+
+
+@triton.jit
 def _band_mask(q_pos, k_pos, below, above):
     diff = q_pos[:, None] - k_pos[None, :]
     return (diff <= below) & (diff >= -above)
@@ -248,15 +266,16 @@ def _band_mask(q_pos, k_pos, below, above):
 
 @triton.jit
 def _fwd_tile(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
-              q_pos, n0, seqlen_k, k_offset, k_stride, below, above, qk_scale,
-              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASKED: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+              q_pos, n0, seqlen_k, k_offset, k_stride, below, above, qk_scale, softcap_in,
+              HEAD_DIM_QK: tl.constexpr, BLOCK_DQK: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+              SOFTCAP: tl.constexpr):
     """One key tile of the online softmax. ``row_max`` is kept in base-2 units (scores x qk_scale); the
     scores stay unscaled and qk_scale > 0 (check_scale) is folded into the exp2 argument: one FMA per
     score instead of a multiply and a subtract."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    k = _stream_tile(K_src, n0, stride_kn, stride_kd, seqlen_k, MASKED, TMA, HEAD_DIM, BLOCK_N, BLOCK_D)
-    scores = _dot(q, tl.trans(k), PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
+    k = _stream_tile(K_src, n0, stride_kn, stride_kd, seqlen_k, MASKED, TMA, HEAD_DIM_QK, BLOCK_N, BLOCK_DQK)
+    scores = _capped(_dot(q, tl.trans(k), PRECISION), softcap_in, SOFTCAP)  # (BLOCK_M, BLOCK_N), unscaled
     if MASKED:
         visible = _band_mask(q_pos, k_offset + offs_n * k_stride, below, above) & (offs_n[None, :] < seqlen_k)
         scores = tl.where(visible, scores, float("-inf"))
@@ -268,32 +287,36 @@ def _fwd_tile(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd, stri
     probs = tl.math.exp2(scores * qk_scale - safe_max[:, None])
     rescale = tl.math.exp2(row_max - safe_max)
     row_sum = row_sum * rescale + tl.sum(probs, 1)
-    v = _stream_tile(V_src, n0, stride_vn, stride_vd, seqlen_k, MASKED, TMA, HEAD_DIM, BLOCK_N, BLOCK_D)
+    v = _stream_tile(V_src, n0, stride_vn, stride_vd, seqlen_k, MASKED, TMA, HEAD_DIM_V, BLOCK_N, BLOCK_DV)
     acc = acc * rescale[:, None] + _dot(_to_operand(probs, v.dtype, PRECISION), v, PRECISION)
     return acc, new_max, row_sum
 
 
 @triton.jit
 def _fwd_inner(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
-               q_pos, n_start, n_end, seqlen_k, k_offset, k_stride, below, above, qk_scale,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-               MASKED: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+               q_pos, n_start, n_end, seqlen_k, k_offset, k_stride, below, above, qk_scale, softcap_in,
+               HEAD_DIM_QK: tl.constexpr, BLOCK_DQK: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+               SOFTCAP: tl.constexpr):
     for n0 in range(n_start, n_end, BLOCK_N):
         acc, row_max, row_sum = _fwd_tile(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd, stride_vn,
                                           stride_vd, q_pos, n0, seqlen_k, k_offset, k_stride, below, above,
-                                          qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, MASKED, PRECISION, TMA)
+                                          qk_scale, softcap_in, HEAD_DIM_QK, BLOCK_DQK, HEAD_DIM_V, BLOCK_DV, BLOCK_N,
+                                          MASKED, PRECISION, TMA, SOFTCAP)
     return acc, row_max, row_sum
 
 
 @triton.jit
 def _fwd_full(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k,
-              qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-              PRECISION: tl.constexpr, TMA: tl.constexpr):
+              qk_scale, softcap_in, HEAD_DIM_QK: tl.constexpr, BLOCK_DQK: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+              BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+              SOFTCAP: tl.constexpr):
     """Every key tile, none masked (``FULL``): one loop, no band arithmetic."""
     for n0 in range(0, seqlen_k, BLOCK_N):
         acc, row_max, row_sum = _fwd_tile(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd,
-                                          stride_vn, stride_vd, None, n0, seqlen_k, 0, 1, 0, 0, qk_scale,
-                                          HEAD_DIM, BLOCK_D, BLOCK_N, False, PRECISION, TMA)
+                                          stride_vn, stride_vd, None, n0, seqlen_k, 0, 1, 0, 0, qk_scale, softcap_in,
+                                          HEAD_DIM_QK, BLOCK_DQK, HEAD_DIM_V, BLOCK_DV, BLOCK_N, False, PRECISION,
+                                          TMA, SOFTCAP)
     return acc, row_max, row_sum
 
 
@@ -334,10 +357,10 @@ def _fwd_kernel(Q, K, V, Out, Lse, Table,
                 stride_ob, stride_om, stride_oh, stride_od,
                 stride_lb, stride_lh, stride_lm,
                 seqlen_q, seqlen_k, nheads, group,
-                q_offset, q_stride, k_offset, k_stride, below, above, qk_scale, seqlen_bucket,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
-                ACCUMULATE: tl.constexpr, TMA: tl.constexpr, FULL: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                q_offset, q_stride, k_offset, k_stride, below, above, qk_scale, softcap_in, seqlen_bucket,
+                HEAD_DIM_QK: tl.constexpr, BLOCK_DQK: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+                PRECISION: tl.constexpr, VARLEN: tl.constexpr, ACCUMULATE: tl.constexpr, TMA: tl.constexpr,
+                SOFTCAP: tl.constexpr, FULL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     batch = tl.program_id(1) // nheads
     head = tl.program_id(1) % nheads
@@ -354,7 +377,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, Table,
     Q_head = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
     K_head = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     V_head = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-    q = _load_tile(Q_head, offs_m, stride_qm, stride_qd, seqlen_q, True, HEAD_DIM, BLOCK_D)
+    q = _load_tile(Q_head, offs_m, stride_qm, stride_qd, seqlen_q, True, HEAD_DIM_QK, BLOCK_DQK)
 
     q_first = q_offset + m0 * q_stride
     q_last = q_offset + (tl.minimum(m0 + BLOCK_M, seqlen_q) - 1) * q_stride
@@ -363,27 +386,31 @@ def _fwd_kernel(Q, K, V, Out, Lse, Table,
     if VARLEN:
         start, full_start, full_end, end = _empty_if(m0 >= seqlen_q, start, full_start, full_end, end)
     q_pos = q_offset + offs_m * q_stride
-    K_src = _stream_source(K_head, seqlen_k, stride_kn, TMA, HEAD_DIM, BLOCK_N, BLOCK_D)
-    V_src = _stream_source(V_head, seqlen_k, stride_vn, TMA, HEAD_DIM, BLOCK_N, BLOCK_D)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    K_src = _stream_source(K_head, seqlen_k, stride_kn, TMA, HEAD_DIM_QK, BLOCK_N, BLOCK_DQK)
+    V_src = _stream_source(V_head, seqlen_k, stride_vn, TMA, HEAD_DIM_V, BLOCK_N, BLOCK_DV)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     if FULL:  # every (query, key) pair visible and seqlen_k a multiple of BLOCK_N: no mask, one loop
         acc, row_max, row_sum = _fwd_full(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd, stride_vn,
-                                          stride_vd, seqlen_k, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION, TMA)
+                                          stride_vd, seqlen_k, qk_scale, softcap_in, HEAD_DIM_QK, BLOCK_DQK,
+                                          HEAD_DIM_V, BLOCK_DV, BLOCK_N, PRECISION, TMA, SOFTCAP)
     else:  # masked head, unmasked middle, masked tail (see _band_tiles)
         acc, row_max, row_sum = _fwd_inner(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd, stride_vn,
                                            stride_vd, q_pos, start, full_start, seqlen_k, k_offset, k_stride, below,
-                                           above, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, PRECISION, TMA)
+                                           above, qk_scale, softcap_in, HEAD_DIM_QK, BLOCK_DQK, HEAD_DIM_V, BLOCK_DV,
+                                           BLOCK_N, True, PRECISION, TMA, SOFTCAP)
         acc, row_max, row_sum = _fwd_inner(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd, stride_vn,
                                            stride_vd, q_pos, full_start, full_end, seqlen_k, k_offset, k_stride,
-                                           below, above, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, PRECISION, TMA)
+                                           below, above, qk_scale, softcap_in, HEAD_DIM_QK, BLOCK_DQK, HEAD_DIM_V,
+                                           BLOCK_DV, BLOCK_N, False, PRECISION, TMA, SOFTCAP)
         acc, row_max, row_sum = _fwd_inner(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd, stride_vn,
                                            stride_vd, q_pos, full_end, end, seqlen_k, k_offset, k_stride, below,
-                                           above, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, PRECISION, TMA)
+                                           above, qk_scale, softcap_in, HEAD_DIM_QK, BLOCK_DQK, HEAD_DIM_V, BLOCK_DV,
+                                           BLOCK_N, True, PRECISION, TMA, SOFTCAP)
     _store_output(Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh,
                   Lse + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh, offs_m, stride_om, stride_od,
-                  stride_lm, seqlen_q, acc, row_max, row_sum, ACCUMULATE, HEAD_DIM, BLOCK_D)
+                  stride_lm, seqlen_q, acc, row_max, row_sum, ACCUMULATE, HEAD_DIM_V, BLOCK_DV)
 
 
 # ------------------------------------------------------------------------------------------- backward
@@ -419,19 +446,21 @@ def _load_lse_base2(Lse_row, offs_m, stride_lm, seqlen_q, CHECK: tl.constexpr):
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, Q_src, DO_src, Lse_row, Delta_row,
                     stride_qm, stride_qd, stride_dom, stride_dod, stride_lm,
-                    k_pos, m_start, m_end, seqlen_q, q_offset, q_stride, below, above, qk_scale,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    MASKED: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+                    k_pos, m_start, m_end, seqlen_q, q_offset, q_stride, below, above, qk_scale, softcap_in,
+                    HEAD_DIM_QK: tl.constexpr, BLOCK_DQK: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+                    TMA: tl.constexpr, SOFTCAP: tl.constexpr):
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        q = _stream_tile(Q_src, m0, stride_qm, stride_qd, seqlen_q, MASKED, TMA, HEAD_DIM, BLOCK_M, BLOCK_D)
-        dout = _stream_tile(DO_src, m0, stride_dom, stride_dod, seqlen_q, MASKED, TMA, HEAD_DIM, BLOCK_M, BLOCK_D)
+        q = _stream_tile(Q_src, m0, stride_qm, stride_qd, seqlen_q, MASKED, TMA, HEAD_DIM_QK, BLOCK_M, BLOCK_DQK)
+        dout = _stream_tile(DO_src, m0, stride_dom, stride_dod, seqlen_q, MASKED, TMA, HEAD_DIM_V, BLOCK_M,
+                            BLOCK_DV)
         lse = _load_lse_base2(Lse_row, offs_m, stride_lm, seqlen_q, MASKED)
         if MASKED:
             delta = tl.load(Delta_row + offs_m, mask=offs_m < seqlen_q, other=0.0)
         else:
             delta = tl.load(Delta_row + offs_m)
-        scores_t = _dot(k, tl.trans(q), PRECISION)  # (BLOCK_N, BLOCK_M), unscaled: qk_scale goes into exp2
+        scores_t = _capped(_dot(k, tl.trans(q), PRECISION), softcap_in, SOFTCAP)  # (BLOCK_N, BLOCK_M), unscaled
         probs_t = tl.math.exp2(scores_t * qk_scale - lse[None, :])
         if MASKED:
             # (keys x queries): kp - above <= qp <= kp + below is the band seen from the keys
@@ -440,6 +469,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_src, DO_src, Lse_row, Delta_row,
         dv += _dot(_to_operand(probs_t, dout.dtype, PRECISION), dout, PRECISION)
         dprobs_t = _dot(v, tl.trans(dout), PRECISION)
         dscores_t = probs_t * (dprobs_t - delta[None, :])
+        if SOFTCAP:  # through the tanh: its slope 1 - tanh^2
+            dscores_t = dscores_t * (1.0 - scores_t * scores_t)
         dk += _dot(_to_operand(dscores_t, q.dtype, PRECISION), q, PRECISION)
     return dk, dv
 
@@ -465,9 +496,10 @@ def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Table,
               stride_dkb, stride_dkn, stride_dkh, stride_dkd,
               stride_dvb, stride_dvn, stride_dvh, stride_dvd,
               seqlen_q, seqlen_k, nheads, group,
-              q_offset, q_stride, k_offset, k_stride, below, above, qk_scale, softmax_scale, seqlen_bucket,
-              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
-              ACCUMULATE: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              q_offset, q_stride, k_offset, k_stride, below, above, qk_scale, softcap_in, softmax_scale,
+              seqlen_bucket, HEAD_DIM_QK: tl.constexpr, BLOCK_DQK: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+              BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr, ACCUMULATE: tl.constexpr,
+              TMA: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     nheads_kv = nheads // group
     batch = tl.program_id(1) // nheads_kv
     kv_head = tl.program_id(1) % nheads_kv
@@ -485,8 +517,8 @@ def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Table,
     offs_n = n0 + tl.arange(0, BLOCK_N)
     K_head = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     V_head = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-    k = _load_tile(K_head, offs_n, stride_kn, stride_kd, seqlen_k, True, HEAD_DIM, BLOCK_D)
-    v = _load_tile(V_head, offs_n, stride_vn, stride_vd, seqlen_k, True, HEAD_DIM, BLOCK_D)
+    k = _load_tile(K_head, offs_n, stride_kn, stride_kd, seqlen_k, True, HEAD_DIM_QK, BLOCK_DQK)
+    v = _load_tile(V_head, offs_n, stride_vn, stride_vd, seqlen_k, True, HEAD_DIM_V, BLOCK_DV)
 
     # Seen from the keys, query qp is visible iff kp - above <= qp <= kp + below: the band mirrored.
     k_first = k_offset + n0 * k_stride
@@ -496,48 +528,54 @@ def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Table,
     if VARLEN:
         start, full_start, full_end, end = _empty_if(n0 >= seqlen_k, start, full_start, full_end, end)
     k_pos = k_offset + offs_n * k_stride
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for g in range(0, group):  # every query head that reads this KV head: a deterministic GQA sum
         head = kv_head * group + g
         Q_src = _stream_source(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh, seqlen_q,
-                               stride_qm, TMA, HEAD_DIM, BLOCK_M, BLOCK_D)
+                               stride_qm, TMA, HEAD_DIM_QK, BLOCK_M, BLOCK_DQK)
         DO_src = _stream_source(DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh, seqlen_q,
-                                stride_dom, TMA, HEAD_DIM, BLOCK_M, BLOCK_D)
+                                stride_dom, TMA, HEAD_DIM_V, BLOCK_M, BLOCK_DV)
         Lse_row = Lse + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh
         Delta_row = _delta_row(Delta, batch, head, nheads, seqlen_q, stride_lb, stride_lh, VARLEN)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_src, DO_src, Lse_row, Delta_row, stride_qm, stride_qd,
                                  stride_dom, stride_dod, stride_lm, k_pos, start, full_start, seqlen_q, q_offset,
-                                 q_stride, below, above, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, PRECISION, TMA)
+                                 q_stride, below, above, qk_scale, softcap_in, HEAD_DIM_QK, BLOCK_DQK, HEAD_DIM_V,
+                                 BLOCK_DV, BLOCK_M, True, PRECISION, TMA, SOFTCAP)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_src, DO_src, Lse_row, Delta_row, stride_qm, stride_qd,
                                  stride_dom, stride_dod, stride_lm, k_pos, full_start, full_end, seqlen_q, q_offset,
-                                 q_stride, below, above, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, PRECISION, TMA)
+                                 q_stride, below, above, qk_scale, softcap_in, HEAD_DIM_QK, BLOCK_DQK, HEAD_DIM_V,
+                                 BLOCK_DV, BLOCK_M, False, PRECISION, TMA, SOFTCAP)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_src, DO_src, Lse_row, Delta_row, stride_qm, stride_qd,
                                  stride_dom, stride_dod, stride_lm, k_pos, full_end, end, seqlen_q, q_offset,
-                                 q_stride, below, above, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, PRECISION, TMA)
+                                 q_stride, below, above, qk_scale, softcap_in, HEAD_DIM_QK, BLOCK_DQK, HEAD_DIM_V,
+                                 BLOCK_DV, BLOCK_M, True, PRECISION, TMA, SOFTCAP)
 
     _store_grad(DK + batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh, offs_n, stride_dkn,
-                stride_dkd, seqlen_k, dk * softmax_scale, ACCUMULATE, HEAD_DIM, BLOCK_D)
+                stride_dkd, seqlen_k, dk * softmax_scale, ACCUMULATE, HEAD_DIM_QK, BLOCK_DQK)
     _store_grad(DV + batch.to(tl.int64) * stride_dvb + kv_head.to(tl.int64) * stride_dvh, offs_n, stride_dvn,
-                stride_dvd, seqlen_k, dv, ACCUMULATE, HEAD_DIM, BLOCK_D)
+                stride_dvd, seqlen_k, dv, ACCUMULATE, HEAD_DIM_V, BLOCK_DV)
 
 
 @triton.jit
 def _bwd_dq_inner(dq, q, dout, lse, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
-                  q_pos, n_start, n_end, seqlen_k, k_offset, k_stride, below, above, qk_scale,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  MASKED: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+                  q_pos, n_start, n_end, seqlen_k, k_offset, k_stride, below, above, qk_scale, softcap_in,
+                  HEAD_DIM_QK: tl.constexpr, BLOCK_DQK: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+                  SOFTCAP: tl.constexpr):
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = _stream_tile(K_src, n0, stride_kn, stride_kd, seqlen_k, MASKED, TMA, HEAD_DIM, BLOCK_N, BLOCK_D)
-        v = _stream_tile(V_src, n0, stride_vn, stride_vd, seqlen_k, MASKED, TMA, HEAD_DIM, BLOCK_N, BLOCK_D)
-        scores = _dot(q, tl.trans(k), PRECISION)  # unscaled: qk_scale goes into exp2
+        k = _stream_tile(K_src, n0, stride_kn, stride_kd, seqlen_k, MASKED, TMA, HEAD_DIM_QK, BLOCK_N, BLOCK_DQK)
+        v = _stream_tile(V_src, n0, stride_vn, stride_vd, seqlen_k, MASKED, TMA, HEAD_DIM_V, BLOCK_N, BLOCK_DV)
+        scores = _capped(_dot(q, tl.trans(k), PRECISION), softcap_in, SOFTCAP)  # unscaled: qk_scale goes into exp2
         probs = tl.math.exp2(scores * qk_scale - lse[:, None])
         if MASKED:
             visible = _band_mask(q_pos, k_offset + offs_n * k_stride, below, above) & (offs_n[None, :] < seqlen_k)
             probs = tl.where(visible, probs, 0.0)
         dprobs = _dot(dout, tl.trans(v), PRECISION)
         dscores = probs * (dprobs - delta[:, None])
+        if SOFTCAP:  # through the tanh: its slope 1 - tanh^2
+            dscores = dscores * (1.0 - scores * scores)
         dq += _dot(_to_operand(dscores, k.dtype, PRECISION), k, PRECISION)
     return dq
 
@@ -554,9 +592,10 @@ def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Table,
             stride_lb, stride_lh, stride_lm,
             stride_dqb, stride_dqm, stride_dqh, stride_dqd,
             seqlen_q, seqlen_k, nheads, group,
-            q_offset, q_stride, k_offset, k_stride, below, above, qk_scale, softmax_scale, seqlen_bucket,
-            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
-            ACCUMULATE: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+            q_offset, q_stride, k_offset, k_stride, below, above, qk_scale, softcap_in, softmax_scale, seqlen_bucket,
+            HEAD_DIM_QK: tl.constexpr, BLOCK_DQK: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+            PRECISION: tl.constexpr, VARLEN: tl.constexpr, ACCUMULATE: tl.constexpr, TMA: tl.constexpr,
+            SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     batch = tl.program_id(1) // nheads
     head = tl.program_id(1) % nheads
     kv_head = head // group
@@ -575,8 +614,8 @@ def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Table,
     DO_head = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
     K_head = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     V_head = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-    q = _load_tile(Q_head, offs_m, stride_qm, stride_qd, seqlen_q, True, HEAD_DIM, BLOCK_D)
-    dout = _load_tile(DO_head, offs_m, stride_dom, stride_dod, seqlen_q, True, HEAD_DIM, BLOCK_D)
+    q = _load_tile(Q_head, offs_m, stride_qm, stride_qd, seqlen_q, True, HEAD_DIM_QK, BLOCK_DQK)
+    dout = _load_tile(DO_head, offs_m, stride_dom, stride_dod, seqlen_q, True, HEAD_DIM_V, BLOCK_DV)
     lse = _load_lse_base2(Lse + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh,
                           offs_m, stride_lm, seqlen_q, True)
     delta = tl.load(_delta_row(Delta, batch, head, nheads, seqlen_q, stride_lb, stride_lh, VARLEN) + offs_m,
@@ -589,21 +628,24 @@ def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Table,
     if VARLEN:
         start, full_start, full_end, end = _empty_if(m0 >= seqlen_q, start, full_start, full_end, end)
     q_pos = q_offset + offs_m * q_stride
-    K_src = _stream_source(K_head, seqlen_k, stride_kn, TMA, HEAD_DIM, BLOCK_N, BLOCK_D)
-    V_src = _stream_source(V_head, seqlen_k, stride_vn, TMA, HEAD_DIM, BLOCK_N, BLOCK_D)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    K_src = _stream_source(K_head, seqlen_k, stride_kn, TMA, HEAD_DIM_QK, BLOCK_N, BLOCK_DQK)
+    V_src = _stream_source(V_head, seqlen_k, stride_vn, TMA, HEAD_DIM_V, BLOCK_N, BLOCK_DV)
+    dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
     dq = _bwd_dq_inner(dq, q, dout, lse, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd, q_pos,
                        start, full_start, seqlen_k, k_offset, k_stride, below, above, qk_scale,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, True, PRECISION, TMA)
+                       softcap_in, HEAD_DIM_QK, BLOCK_DQK, HEAD_DIM_V, BLOCK_DV, BLOCK_N, True, PRECISION, TMA,
+                       SOFTCAP)
     dq = _bwd_dq_inner(dq, q, dout, lse, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd, q_pos,
                        full_start, full_end, seqlen_k, k_offset, k_stride, below, above, qk_scale,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, False, PRECISION, TMA)
+                       softcap_in, HEAD_DIM_QK, BLOCK_DQK, HEAD_DIM_V, BLOCK_DV, BLOCK_N, False, PRECISION, TMA,
+                       SOFTCAP)
     dq = _bwd_dq_inner(dq, q, dout, lse, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd, q_pos,
                        full_end, end, seqlen_k, k_offset, k_stride, below, above, qk_scale,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, True, PRECISION, TMA)
+                       softcap_in, HEAD_DIM_QK, BLOCK_DQK, HEAD_DIM_V, BLOCK_DV, BLOCK_N, True, PRECISION, TMA,
+                       SOFTCAP)
 
     _store_grad(DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh, offs_m, stride_dqm, stride_dqd,
-                seqlen_q, dq * softmax_scale, ACCUMULATE, HEAD_DIM, BLOCK_D)
+                seqlen_q, dq * softmax_scale, ACCUMULATE, HEAD_DIM_QK, BLOCK_DQK)
 
 
 # ------------------------------------------------------------------------------------------ launchers
@@ -619,11 +661,20 @@ def _block_d(headdim):
     return max(16, triton.next_power_of_2(headdim))
 
 
-def _meta(q, accumulate, *streamed):
+def _meta(q, v, accumulate, softcap, *streamed):
     """The constexprs every attention kernel takes; ``streamed``: the tensors its loops read tile by tile."""
-    headdim = q.shape[-1]
-    return dict(HEAD_DIM=headdim, BLOCK_D=_block_d(headdim), PRECISION=_dot_precision(q.dtype),
-                ACCUMULATE=accumulate, TMA=_tma_ok(*streamed))
+    headdim_qk, headdim_v = q.shape[-1], v.shape[-1]
+    return dict(HEAD_DIM_QK=headdim_qk, BLOCK_DQK=_block_d(headdim_qk), HEAD_DIM_V=headdim_v,
+                BLOCK_DV=_block_d(headdim_v), PRECISION=_dot_precision(q.dtype), ACCUMULATE=accumulate,
+                TMA=_tma_ok(*streamed), SOFTCAP=softcap is not None)
+
+
+def _score_scales(scale, softcap):
+    """(qk_scale, softcap_in): the factor of the scores in the exp2 argument, and the factor inside the tanh.
+    Without softcap the scores are s * scale (in base 2: s * scale * log2 e); with it c tanh(s * scale / c)."""
+    if softcap is None:
+        return scale * LOG2E, 1.0
+    return softcap * LOG2E, scale / softcap
 
 
 # TMA tensor descriptors (Hopper+) for the tiles the loops stream: Triton >= 3.4 has them; the interpreter of
@@ -679,7 +730,8 @@ def _all_visible(qpos: Positions, kpos: Positions, below, above):
             and kpos.length % FULL_TILE == 0)
 
 
-def forward(q, k, v, scale, qpos: Positions, kpos: Positions, below, above, out_dtype, accumulate=None):
+def forward(q, k, v, scale, qpos: Positions, kpos: Positions, below, above, out_dtype, accumulate=None,
+            softcap=None):
     """Returns (out in ``out_dtype``, lse float32). ``accumulate``: float32 (out, lse) accumulators of
     earlier key blocks, shaped like the result; the block is merged into them in place and they are
     returned (``dist_attn.kernels.merge`` rule, fused into the kernel's epilogue)."""
@@ -690,27 +742,28 @@ def forward(q, k, v, scale, qpos: Positions, kpos: Positions, below, above, out_
     else:
         # The interpreter truncates float32 -> bfloat16 in stores; let torch round the result instead.
         kernel_dtype = torch.float32 if INTERPRET and out_dtype == torch.bfloat16 else out_dtype
-        out = torch.empty(q.shape, dtype=kernel_dtype, device=q.device)
+        out = torch.empty(q.shape[:3] + v.shape[3:], dtype=kernel_dtype, device=q.device)
         lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
     grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads)  # noqa: E731
     _fwd_kernel[grid](
         q, k, v, out, lse, None, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
         seqlen_q, seqlen_k, nheads, nheads // nheads_kv,
-        qpos.offset, qpos.stride, kpos.offset, kpos.stride, below, above, scale * LOG2E,
+        qpos.offset, qpos.stride, kpos.offset, kpos.stride, below, above, *_score_scales(scale, softcap),
         _seqlen_bucket(max(seqlen_q, seqlen_k)), VARLEN=False, FULL=_all_visible(qpos, kpos, below, above),
-        **_meta(q, accumulate is not None, k, v))
+        **_meta(q, v, accumulate is not None, softcap, k, v))
     return (out, lse) if accumulate is not None else (out.to(out_dtype), lse)
 
 
-def backward(dout, q, k, v, out, lse, scale, qpos: Positions, kpos: Positions, below, above, accumulate=None):
+def backward(dout, q, k, v, out, lse, scale, qpos: Positions, kpos: Positions, below, above, accumulate=None,
+             softcap=None):
     """dq, dk, dv in float32; with ``accumulate`` (float32 (dq, dk, dv) shaped like q, k, v) they are added
     into those in place and returned."""
-    batch, seqlen_q, nheads, headdim = q.shape
-    seqlen_k, nheads_kv = k.shape[1], k.shape[2]
+    batch, seqlen_q, nheads, _ = q.shape
+    seqlen_k, nheads_kv, headdim_v = k.shape[1], k.shape[2], v.shape[3]
     delta = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
     _bwd_preprocess[(triton.cdiv(seqlen_q, 64), batch * nheads)](
         out, dout, delta, *out.stride(), *dout.stride(), seqlen_q, nheads,
-        HEAD_DIM=headdim, BLOCK_D=_block_d(headdim), BLOCK_M=64)
+        HEAD_DIM=headdim_v, BLOCK_D=_block_d(headdim_v), BLOCK_M=64)
     if accumulate is not None:
         dq, dk, dv = accumulate
     else:
@@ -718,15 +771,15 @@ def backward(dout, q, k, v, out, lse, scale, qpos: Positions, kpos: Positions, b
         dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)
         dv = torch.empty(v.shape, dtype=torch.float32, device=q.device)
     common = (seqlen_q, seqlen_k, nheads, nheads // nheads_kv,
-              qpos.offset, qpos.stride, kpos.offset, kpos.stride, below, above, scale * LOG2E, scale,
+              qpos.offset, qpos.stride, kpos.offset, kpos.stride, below, above, *_score_scales(scale, softcap), scale,
               _seqlen_bucket(max(seqlen_q, seqlen_k)))
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride())
     _bwd_dkdv[lambda m: (triton.cdiv(seqlen_k, m["BLOCK_N"]), batch * nheads_kv)](
         q, k, v, dout, lse, delta, dk, dv, None, *strides, *dk.stride(), *dv.stride(), *common, VARLEN=False,
-        **_meta(q, accumulate is not None, q, dout))
+        **_meta(q, v, accumulate is not None, softcap, q, dout))
     _bwd_dq[lambda m: (triton.cdiv(seqlen_q, m["BLOCK_M"]), batch * nheads)](
         q, k, v, dout, lse, delta, dq, None, *strides, *dq.stride(), *common, VARLEN=False,
-        **_meta(q, accumulate is not None, k, v))
+        **_meta(q, v, accumulate is not None, softcap, k, v))
     return dq, dk, dv
 
 
@@ -746,7 +799,7 @@ def _packed_strides(t):
     return (0, *t.stride())
 
 
-def forward_varlen(q, k, v, scale, pairs, out, lse, accumulate=False):
+def forward_varlen(q, k, v, scale, pairs, out, lse, accumulate=False, softcap=None):
     """All packed sequences (``PackedPair`` s, sharing q and k position strides) in one launch. Writes
     their rows of ``out`` (total_q, H, D) and ``lse`` (H, total_q), or with ``accumulate`` merges them into
     the float32 (out, lse) there; other rows are left as they are."""
@@ -760,33 +813,33 @@ def forward_varlen(q, k, v, scale, pairs, out, lse, accumulate=False):
     _fwd_kernel[grid](
         q, k, v, kernel_out, lse, table, *_packed_strides(q), *_packed_strides(k), *_packed_strides(v),
         *_packed_strides(kernel_out), *_packed_strides(lse), max_q, max_k, nheads, nheads // nheads_kv,
-        0, pairs[0].q.stride, 0, pairs[0].k.stride, 0, 0, scale * LOG2E,  # per pair: from the table
-        _seqlen_bucket(max(max_q, max_k)), VARLEN=True, FULL=False, **_meta(q, accumulate, k, v))
+        0, pairs[0].q.stride, 0, pairs[0].k.stride, 0, 0, *_score_scales(scale, softcap),  # per pair: the table
+        _seqlen_bucket(max(max_q, max_k)), VARLEN=True, FULL=False, **_meta(q, v, accumulate, softcap, k, v))
     if kernel_out is not out:
         rows = torch.cat([torch.arange(p.q_start, p.q_start + p.q.length) for p in pairs])
         out[rows] = kernel_out[rows].to(out.dtype)
 
 
-def backward_varlen(dout, q, k, v, out, lse, scale, pairs, dq, dk, dv, accumulate=False):
+def backward_varlen(dout, q, k, v, out, lse, scale, pairs, dq, dk, dv, accumulate=False, softcap=None):
     """Gradients of ``forward_varlen``, one launch per kernel: writes each pair's rows of dq, dk, dv
     (float32, shaped like q, k, v), or with ``accumulate`` adds them to what those rows hold."""
-    total_q, nheads, headdim = q.shape
-    nheads_kv = k.shape[1]
+    total_q, nheads, _ = q.shape
+    nheads_kv, headdim_v = k.shape[1], v.shape[2]
     table, max_q, max_k = _pair_table(pairs, q.device)
     # delta over all packed rows as one sequence: (1, H, total_q), the layout of a contiguous lse
     lse = lse.contiguous()
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
     _bwd_preprocess[(triton.cdiv(total_q, 64), nheads)](
         out, dout, delta, *_packed_strides(out), *_packed_strides(dout), total_q, nheads,
-        HEAD_DIM=headdim, BLOCK_D=_block_d(headdim), BLOCK_M=64)
+        HEAD_DIM=headdim_v, BLOCK_D=_block_d(headdim_v), BLOCK_M=64)
     common = (max_q, max_k, nheads, nheads // nheads_kv,
-              0, pairs[0].q.stride, 0, pairs[0].k.stride, 0, 0, scale * LOG2E, scale,  # per pair: from the table
+              0, pairs[0].q.stride, 0, pairs[0].k.stride, 0, 0, *_score_scales(scale, softcap), scale,  # per pair
               _seqlen_bucket(max(max_q, max_k)))
     strides = (*_packed_strides(q), *_packed_strides(k), *_packed_strides(v), *_packed_strides(dout),
                *_packed_strides(lse))
     _bwd_dkdv[lambda m: (triton.cdiv(max_k, m["BLOCK_N"]), len(pairs) * nheads_kv)](
         q, k, v, dout, lse, delta, dk, dv, table, *strides, *_packed_strides(dk), *_packed_strides(dv), *common,
-        VARLEN=True, **_meta(q, accumulate, q, dout))
+        VARLEN=True, **_meta(q, v, accumulate, softcap, q, dout))
     _bwd_dq[lambda m: (triton.cdiv(max_q, m["BLOCK_M"]), len(pairs) * nheads)](
         q, k, v, dout, lse, delta, dq, table, *strides, *_packed_strides(dq), *common, VARLEN=True,
-        **_meta(q, accumulate, k, v))
+        **_meta(q, v, accumulate, softcap, k, v))

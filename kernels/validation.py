@@ -37,7 +37,8 @@ def check_causal(causal):
 
 
 def check_qkv(q, k, v):
-    """Shapes, dtypes and devices of q, k, v in the flash-attn layout; returns the dimensions."""
+    """Shapes, dtypes and devices of q, k, v in the flash-attn layout; returns the dimensions, ``headdim`` being
+    the head dim of q and k (v's, ``headdim_v = v.shape[-1]``, may differ: MLA)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
@@ -49,19 +50,53 @@ def check_qkv(q, k, v):
         raise TypeError(f"q, k, v must share one dtype; got q={q.dtype}, k={k.dtype}, v={v.dtype}")
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k, v must be on one device; got q={q.device}, k={k.device}, v={v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape; got k={tuple(k.shape)}, v={tuple(v.shape)}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k and v must have the same (batch, seqlen, nheads_kv); got k={tuple(k.shape)}, "
+                         f"v={tuple(v.shape)}")
     batch, seqlen_q, nheads, headdim = q.shape
     _, seqlen_k, nheads_kv, headdim_k = k.shape
+    headdim_v = v.shape[3]
     if k.shape[0] != batch:
         raise ValueError(f"k batch size must equal q's ({batch}); got {k.shape[0]}")
     if headdim_k != headdim:
-        raise ValueError(f"k headdim must equal q's ({headdim}); got {headdim_k}")
-    if not 1 <= headdim <= MAX_HEADDIM:
-        raise ValueError(f"headdim must be between 1 and {MAX_HEADDIM}; got {headdim}")
+        raise ValueError(f"k head dim must equal q's (headdim_qk = {headdim}); got {headdim_k} (v may differ: "
+                         f"headdim_v = {headdim_v})")
+    for name, dim in (("headdim_qk", headdim), ("headdim_v", headdim_v)):
+        if not 1 <= dim <= MAX_HEADDIM:
+            raise ValueError(f"{name} must be between 1 and {MAX_HEADDIM}; got headdim_qk = {headdim}, "
+                             f"headdim_v = {headdim_v}")
     if nheads_kv == 0 or nheads % nheads_kv != 0:
         raise ValueError(f"nheads ({nheads}) must be divisible by nheads_kv ({nheads_kv}), the number of k/v heads")
     return batch, seqlen_q, seqlen_k, nheads, nheads_kv, headdim
+
+
+def check_softcap(softcap):
+    """Returns the logit softcap as a float, or None for none (``None`` or 0, flash-attn's "off")."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float or None; got {type(softcap).__name__}")
+    if softcap == 0:
+        return None
+    if not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be a positive finite number (0 or None: no softcap); got {softcap}")
+    return float(softcap)
+
+
+def check_sinks(sinks, nheads, reference):
+    """``sinks``: None, or a floating 1-D tensor of one logit per query head on ``reference``'s device."""
+    if sinks is None:
+        return None
+    if not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"sinks must be a torch.Tensor of shape ({nheads},) or None; got {type(sinks).__name__}")
+    if not sinks.is_floating_point():
+        raise TypeError(f"sinks.dtype must be a floating dtype; got {sinks.dtype}")
+    if tuple(sinks.shape) != (nheads,):
+        raise ValueError(f"sinks must have shape (nheads,) = ({nheads},), one logit per query head; got "
+                         f"{tuple(sinks.shape)}")
+    if sinks.device != reference.device:
+        raise ValueError(f"sinks must be on {reference.device}; got {sinks.device}")
+    return sinks
 
 
 def check_like(name, tensor, reference, shape, dtype=None):

@@ -17,9 +17,10 @@ from __future__ import annotations
 import torch
 
 from .interface import _backend_module
+from .merge import add_sinks_, sinks_grad
 from .positions import PackedPair, Positions, mask_band, visible_range
 from .validation import (check_accumulate, check_backend, check_causal, check_like, check_positions, check_qkv,
-                         check_scale, check_window)
+                         check_scale, check_sinks, check_softcap, check_window)
 
 
 def check_cu_seqlens(name, cu_seqlens, total):
@@ -45,7 +46,8 @@ def check_cu_seqlens(name, cu_seqlens, total):
 
 
 def check_packed(q, k, v):
-    """q: (total_q, nheads, headdim); k, v: (total_k, nheads_kv, headdim). Returns the dims of check_qkv."""
+    """q: (total_q, nheads, headdim); k: (total_k, nheads_kv, headdim), v: (total_k, nheads_kv, headdim_v).
+    Returns the dims of check_qkv."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if isinstance(t, torch.Tensor) and t.dim() != 3:
             raise ValueError(f"{name} must be 3-D (total_tokens, nheads, headdim) for packed sequences; "
@@ -107,38 +109,42 @@ def _prepare(q, k, v, softmax_scale, causal, q_spans, k_spans, q_stride, k_strid
 
 
 def flash_attn_varlen_forward(q, k, v, softmax_scale, causal, q_spans, k_spans, q_stride=1, k_stride=1,
-                              window=None, *, backend=None, out_dtype=None, accumulate=None):
+                              window=None, *, softcap=None, backend=None, out_dtype=None, accumulate=None):
     """Attention of packed sequences at explicit positions; sequence i is ``q_spans[i]`` against ``k_spans[i]``.
 
-    q: (total_q, nheads, headdim); k, v: (total_k, nheads_kv, headdim). A span ``(start, length, offset)``
-    is ``length`` rows from row ``start``, row j at global position ``offset + j * stride``. Returns out
-    (total_q, nheads, headdim) in ``out_dtype`` (default q.dtype) and lse (nheads, total_q), float32;
+    q: (total_q, nheads, headdim); k: (total_k, nheads_kv, headdim), v: (total_k, nheads_kv, headdim_v). A span
+    ``(start, length, offset)`` is ``length`` rows from row ``start``, row j at global position ``offset + j *
+    stride``. Returns out (total_q, nheads, headdim_v) in ``out_dtype`` (default q.dtype) and lse (nheads, total_q), float32;
     rows outside every span, and rows that see no key, get out 0 and lse -inf. ``accumulate=(out, lse)``:
     float32 accumulators of those shapes to merge the result into, in place, as ``flash_attn_forward``
     does; they are returned.
     """
     (_, total_q, _, nheads, _, _), scale, pairs, module = _prepare(
         q, k, v, softmax_scale, causal, q_spans, k_spans, q_stride, k_stride, window, backend)
-    accumulate = check_accumulate(accumulate, ("out", "lse"), q, (q.shape, (nheads, total_q)))
+    softcap = check_softcap(softcap)
+    out_shape = q.shape[:2] + v.shape[2:]
+    accumulate = check_accumulate(accumulate, ("out", "lse"), q, (out_shape, (nheads, total_q)))
     if accumulate is not None:
         out, lse = accumulate
     else:
-        out = torch.zeros(q.shape, dtype=q.dtype if out_dtype is None else out_dtype, device=q.device)
+        out = torch.zeros(out_shape, dtype=q.dtype if out_dtype is None else out_dtype, device=q.device)
         lse = torch.full((nheads, total_q), float("-inf"), device=q.device)
     if pairs:
-        module.forward_varlen(q, k, v, scale, pairs, out, lse, accumulate is not None)
+        module.forward_varlen(q, k, v, scale, pairs, out, lse, accumulate is not None, softcap=softcap)
     return out, lse
 
 
 def flash_attn_varlen_backward(dout, q, k, v, out, lse, softmax_scale, causal, q_spans, k_spans, q_stride=1,
-                               k_stride=1, window=None, *, backend=None, accumulate=None):
+                               k_stride=1, window=None, *, softcap=None, backend=None, accumulate=None):
     """Gradients of ``flash_attn_varlen_forward`` given its output and the LSE to normalise with (in a
     ring, the global one). Returns dq, dk, dv in float32; rows outside every span get 0. With
     ``accumulate=(dq, dk, dv)`` (float32, shaped like q, k, v) the gradients are added into those."""
     (_, total_q, _, nheads, _, _), scale, pairs, module = _prepare(
         q, k, v, softmax_scale, causal, q_spans, k_spans, q_stride, k_stride, window, backend)
-    check_like("dout", dout, q, q.shape)
-    check_like("out", out, q, q.shape)
+    softcap = check_softcap(softcap)
+    out_shape = q.shape[:2] + v.shape[2:]
+    check_like("dout", dout, q, out_shape)
+    check_like("out", out, q, out_shape)
     check_like("lse", lse, q, (nheads, total_q), torch.float32)
     accumulate = check_accumulate(accumulate, ("dq", "dk", "dv"), q, (q.shape, k.shape, v.shape))
     if accumulate is not None:
@@ -146,7 +152,8 @@ def flash_attn_varlen_backward(dout, q, k, v, out, lse, softmax_scale, causal, q
     else:
         dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=q.device) for t in (q, k, v))
     if pairs:
-        module.backward_varlen(dout, q, k, v, out, lse, scale, pairs, dq, dk, dv, accumulate is not None)
+        module.backward_varlen(dout, q, k, v, out, lse, scale, pairs, dq, dk, dv, accumulate is not None,
+                               softcap=softcap)
     return dq, dk, dv
 
 
@@ -156,34 +163,43 @@ def _spans(bounds):
 
 class FlashAttnVarlenFunc(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, q_spans, k_spans, causal, softmax_scale, window, backend):
-        out, lse = flash_attn_varlen_forward(q, k, v, softmax_scale, causal, q_spans, k_spans, window=window,
-                                             backend=backend)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (q_spans, k_spans, causal, softmax_scale, window, backend)
+    def forward(ctx, q, k, v, q_spans, k_spans, causal, softmax_scale, window, backend, softcap, sinks):
+        args = dict(window=window, softcap=softcap, backend=backend)
+        out_dtype = q.dtype if sinks is None else torch.float32
+        out, lse = flash_attn_varlen_forward(q, k, v, softmax_scale, causal, q_spans, k_spans, out_dtype=out_dtype,
+                                             **args)
+        if sinks is not None:
+            add_sinks_(out[None], lse[None], sinks)
+            out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
+        ctx.args = (q_spans, k_spans, causal, softmax_scale, args)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        q_spans, k_spans, causal, softmax_scale, window, backend = ctx.args
+        q, k, v, out, lse, sinks = ctx.saved_tensors
+        q_spans, k_spans, causal, softmax_scale, args = ctx.args
         dq, dk, dv = flash_attn_varlen_backward(dout, q, k, v, out, lse, softmax_scale, causal, q_spans, k_spans,
-                                                window=window, backend=backend)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+                                                **args)
+        dsinks = None if sinks is None else sinks_grad(sinks, lse[None], out[None], dout[None])
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, dsinks
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k=None, causal=False, softmax_scale=None,
-                           window=None, return_lse=False, backend=None):
+                           window=None, return_lse=False, backend=None, *, softcap=None, sinks=None):
     """Differentiable attention over packed variable-length sequences (flash-attn's varlen layout).
 
-    q: (total_q, nheads, headdim); k, v: (total_k, nheads_kv, headdim); ``cu_seqlens_q`` (int32,
+    q: (total_q, nheads, headdim); k: (total_k, nheads_kv, headdim), v: (total_k, nheads_kv, headdim_v);
+    ``cu_seqlens_q`` (int32,
     ``(batch + 1,)``) gives sequence i the query rows ``cu_seqlens_q[i]:cu_seqlens_q[i+1]``, and
     ``cu_seqlens_k`` (default: ``cu_seqlens_q``) its key rows. Tokens never attend across sequences.
     Within a sequence positions start at 0 for queries and keys; ``causal`` and ``window`` act on them.
+    ``softcap`` and ``sinks`` as in ``flash_attn_func`` (every row of every sequence sees its head's sink).
     Returns out (like q) and, with ``return_lse=True``, lse (nheads, total_q), float32, not differentiable.
     """
     check_packed(q, k, v)
+    check_sinks(sinks, q.shape[1], q)
     q_bounds = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
     if cu_seqlens_k is None:
         if k.shape[0] != q.shape[0]:
@@ -196,5 +212,5 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k=None, causal=Fals
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same number of sequences; got "
                          f"{len(q_bounds) - 1} and {len(k_bounds) - 1}")
     out, lse = FlashAttnVarlenFunc.apply(q, k, v, _spans(q_bounds), _spans(k_bounds), causal, softmax_scale,
-                                         window, backend)
+                                         window, backend, softcap, sinks)
     return (out, lse) if return_lse else out

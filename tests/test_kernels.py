@@ -27,21 +27,24 @@ def device_for(backend):
 
 
 def run_fp32_case(backend, batch=1, seqlen_q=64, seqlen_k=64, nheads=2, nheads_kv=2, headdim=32, causal=False,
-                  window=None, q_offset=0, k_offset=0, q_stride=1, k_stride=1, seed=0):
+                  window=None, q_offset=0, k_offset=0, q_stride=1, k_stride=1, seed=0, headdim_v=None, softcap=None):
     """Runs forward + backward at the given positions and asserts every output against float64."""
     gen = torch.Generator().manual_seed(seed)
     device = device_for(backend)
+    headdim_v = headdim if headdim_v is None else headdim_v
     q = torch.randn(batch, seqlen_q, nheads, headdim, generator=gen).to(device)
-    k, v = (torch.randn(batch, seqlen_k, nheads_kv, headdim, generator=gen).to(device) for _ in range(2))
-    dout = torch.randn(batch, seqlen_q, nheads, headdim, generator=gen).to(device)
-    positions = dict(q_offset=q_offset, k_offset=k_offset, q_stride=q_stride, k_stride=k_stride, window=window)
+    k = torch.randn(batch, seqlen_k, nheads_kv, headdim, generator=gen).to(device)
+    v = torch.randn(batch, seqlen_k, nheads_kv, headdim_v, generator=gen).to(device)
+    dout = torch.randn(batch, seqlen_q, nheads, headdim_v, generator=gen).to(device)
+    positions = dict(q_offset=q_offset, k_offset=k_offset, q_stride=q_stride, k_stride=k_stride, window=window,
+                     softcap=softcap)
     out, lse = flash_attn_forward(q, k, v, None, causal, backend=backend, **positions)
     dq, dk, dv = flash_attn_backward(dout, q, k, v, out, lse, None, causal, backend=backend, **positions)
 
     q_pos = q_offset + q_stride * torch.arange(seqlen_q)
     k_pos = k_offset + k_stride * torch.arange(seqlen_k)
     ref_out, ref_lse, ref_dq, ref_dk, ref_dv = reference_with_grads(
-        q.cpu(), k.cpu(), v.cpu(), dout.cpu(), causal, window, q_pos, k_pos)
+        q.cpu(), k.cpu(), v.cpu(), dout.cpu(), causal, window, q_pos, k_pos, softcap=softcap)
     out, lse, dq, dk, dv = (t.cpu() for t in (out, lse, dq, dk, dv))
 
     for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
@@ -217,7 +220,7 @@ def test_default_backend_on_cpu_is_torch(monkeypatch):
     from dist_attn.kernels import torch_backend
     calls = []
     original = torch_backend.forward
-    monkeypatch.setattr(torch_backend, "forward", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(torch_backend, "forward", lambda *a, **kw: calls.append(1) or original(*a, **kw))
     flash_attn_func(*(torch.randn(1, 8, 1, 16) for _ in range(3)))
     assert calls == [1]
 
@@ -357,11 +360,13 @@ BAD_FORWARD_CALLS = {
     "float64": ((Q.double(), KV.double(), KV.double()), {}, TypeError, "q.dtype must be one of"),
     "mixed_dtypes": ((Q, KV.half(), KV.half()), {}, TypeError, "share one dtype"),
     "mixed_devices": ((Q, _t(1, 8, 2, 16, device="meta"), KV), {}, ValueError, "one device"),
-    "kv_shapes": ((Q, KV, _t(1, 9, 2, 16)), {}, ValueError, "k and v must have the same shape"),
+    "kv_shapes": ((Q, KV, _t(1, 9, 2, 16)), {}, ValueError, r"k and v must have the same \(batch, seqlen"),
     "batch": ((Q, _t(2, 8, 2, 16), _t(2, 8, 2, 16)), {}, ValueError, "batch size"),
-    "headdim_mismatch": ((Q, _t(1, 8, 2, 8), _t(1, 8, 2, 8)), {}, ValueError, "k headdim must equal"),
+    "headdim_mismatch": ((Q, _t(1, 8, 2, 8), _t(1, 8, 2, 8)), {}, ValueError,
+                         r"k head dim must equal q's \(headdim_qk = 16\); got 8 \(v may differ: headdim_v = 8\)"),
     "headdim_too_large": ((_t(1, 8, 4, 300), _t(1, 8, 2, 300), _t(1, 8, 2, 300)), {}, ValueError,
-                          "headdim must be between 1 and 256"),
+                          "headdim_qk must be between 1 and 256"),
+    "headdim_v_too_large": ((Q, KV, _t(1, 8, 2, 300)), {}, ValueError, "headdim_v must be between 1 and 256"),
     "heads_not_divisible": ((Q, _t(1, 8, 3, 16), _t(1, 8, 3, 16)), {}, ValueError, "divisible by nheads_kv"),
     "window_negative": ((Q, KV, KV), {"window": (-1, 0)}, ValueError, "window left must be an int >= 0"),
     "window_length": ((Q, KV, KV), {"window": (1, 2, 3)}, ValueError, "pair"),

@@ -63,9 +63,13 @@ over the replicas yourself.
 
 **Not supported** (each raises ValueError): padding attention masks (any masked-out token; pack the
 sequences instead: ``shard_inputs(..., cu_seqlens=...)``), HF's flash-attention packing kwargs
-(``cu_seq_lens_q``, ``cu_seq_lens_k``, ``max_length_q``, ``max_length_k``: use ``cu_seqlens`` above), attention dropout > 0 in training, a KV cache holding earlier tokens (generation), ``softcap`` and
-attention sinks. Sliding-window layers (``sliding_window=W`` from Mistral/Qwen2 configs: a query sees
-itself and the W-1 tokens before it) run as ``window=(W - 1, 0)``.
+(``cu_seq_lens_q``, ``cu_seq_lens_k``, ``max_length_q``, ``max_length_k``: use ``cu_seqlens`` above), attention
+dropout > 0 in training, a KV cache holding earlier tokens (generation), and T5-style ``position_bias``.
+Sliding-window layers (``sliding_window=W`` from Mistral/Qwen2/Gemma 2/gpt-oss configs: a query sees itself and
+the W-1 tokens before it) run as ``window=(W - 1, 0)``. Attention logit softcapping (Gemma 2's ``softcap``
+kwarg) and attention sinks (gpt-oss's ``s_aux``, the module's learned ``sinks``) pass to ``ring_attention``;
+MLA (DeepSeek-V2/V3: value head dim below the query/key head dim) needs nothing: the value's own head dim is
+kept end to end.
 """
 
 from __future__ import annotations
@@ -81,7 +85,8 @@ DEFAULT_NAME = "dist_attn_ring"
 IGNORE_INDEX = -100
 _CONFIGS: dict[str, dict] = {}  # name -> {"layout", "group", "backend"}
 CU_SEQLENS_KWARG = "dist_attn_cu_seqlens"  # the model kwarg carrying the GLOBAL packing to the attention calls
-_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
+_UNSUPPORTED_KWARGS = ("position_bias",)
+_SINK_KWARGS = ("s_aux", "sinks")  # gpt-oss passes its module's sinks as s_aux
 _HF_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 PADDING_ERROR = ("dist_attn ring attention does not support padding attention masks (got a mask with masked-out "
                  "tokens); pass attention_mask=None, or pack the variable-length sequences into one row and use "
@@ -152,7 +157,8 @@ def _check_positions(position_ids, layout, rank, world_size, local_len, cu_seqle
 
 
 def _ring_attention_forward(name, module, query, key, value, attention_mask, scaling, dropout, **kwargs):
-    """query (B, H, S_local, D), key/value (B, H_kv, S_local, D) -> ((B, S_local, H, D), None)."""
+    """query (B, H, S_local, D), key (B, H_kv, S_local, D), value (B, H_kv, S_local, D_v) -> ((B, S_local, H, D_v),
+    None)."""
     config = _CONFIGS[name]
     if attention_mask is not None:
         if attention_mask.dim() == 2:
@@ -169,8 +175,11 @@ def _ring_attention_forward(name, module, query, key, value, attention_mask, sca
         raise ValueError(HF_VARLEN_ERROR.format(given=given))
     given = [k for k in _UNSUPPORTED_KWARGS if kwargs.get(k) is not None]
     if given:
-        raise ValueError(f"dist_attn ring attention does not support {given} (softcap and attention sinks are not "
-                         f"implemented)")
+        raise ValueError(f"dist_attn ring attention does not support {given} (an additive attention bias, as in T5, "
+                         f"is not implemented)")
+    sinks = [kwargs[k] for k in _SINK_KWARGS if kwargs.get(k) is not None]
+    if len(sinks) > 1:
+        raise ValueError(f"dist_attn ring attention got attention sinks twice ({_SINK_KWARGS}); pass one")
     cu_seqlens = kwargs.get(CU_SEQLENS_KWARG)
     if cu_seqlens is not None and query.shape[0] != 1:
         raise ValueError(f"packed sequences ({CU_SEQLENS_KWARG}) need a batch of one packed row; got batch "
@@ -193,7 +202,8 @@ def _ring_attention_forward(name, module, query, key, value, attention_mask, sca
     else:
         q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, S, H, D)
     out = ring_attention(q, k, v, causal=bool(causal), softmax_scale=scaling, layout=layout, group=group,
-                         window=window if causal else None, cu_seqlens=cu_seqlens, backend=config["backend"])
+                         window=window if causal else None, softcap=kwargs.get("softcap"),
+                         sinks=sinks[0] if sinks else None, cu_seqlens=cu_seqlens, backend=config["backend"])
     return (out if cu_seqlens is None else out[None]), None
 
 
