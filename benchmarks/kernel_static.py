@@ -129,42 +129,46 @@ def compile_only(module, kernel_names, space=None):
 
 # ------------------------------------------------------------------------------------------ the cases
 
-def _tensors(batch, seqlen, nheads, nheads_kv, headdim, dtype):
+def _tensors(batch, seqlen, nheads, nheads_kv, headdim, dtype, headdim_v=None):
     q = torch.empty(batch, seqlen, nheads, headdim, dtype=dtype)
-    k, v = (torch.empty(batch, seqlen, nheads_kv, headdim, dtype=dtype) for _ in range(2))
+    k = torch.empty(batch, seqlen, nheads_kv, headdim, dtype=dtype)
+    v = torch.empty(batch, seqlen, nheads_kv, headdim if headdim_v is None else headdim_v, dtype=dtype)
     return q, k, v
 
 
-def cases(shape, dtype):
+def cases(shape, dtype, headdim_v=None, softcap=None):
     """(name, run(ta)): each ``run`` calls the real launchers once as the library calls them: "fwd" as
     ``flash_attn_func`` (causal), "ring-fwd" and "bwd" as a causal ring step (fused merge / accumulation),
     "ring-fwd-full" as a ring step whose keys are all visible (the FULL variant), "varlen" packed
     sequences forward and backward, and the "-pointer" cases without TMA. ``shape``: (batch, seqlen,
-    nheads, nheads_kv, headdim)."""
+    nheads, nheads_kv, headdim); ``headdim_v`` (default headdim: MLA's is smaller) and ``softcap`` select
+    those kernel variants."""
     from dist_attn.kernels.positions import PackedPair, Positions
     batch, seqlen, nheads, nheads_kv, headdim = shape
     scale = headdim ** -0.5
     pos = Positions(0, 1, seqlen)
+    out_shape = (batch, seqlen, nheads, headdim if headdim_v is None else headdim_v)
 
     def forward(ta):  # flash_attn_func: the output in the input dtype
-        q, k, v = _tensors(*shape, dtype)
-        ta.forward(q, k, v, scale, pos, pos, 0, seqlen, dtype)
+        q, k, v = _tensors(*shape, dtype, headdim_v)
+        ta.forward(q, k, v, scale, pos, pos, 0, seqlen, dtype, softcap=softcap)
 
     def ring_forward(ta):  # a ring step: merged into the float32 accumulators in the epilogue
-        q, k, v = _tensors(*shape, dtype)
-        accumulate = (torch.empty(q.shape), torch.empty(batch, nheads, seqlen))
-        ta.forward(q, k, v, scale, pos, pos, 0, seqlen, torch.float32, accumulate)
+        q, k, v = _tensors(*shape, dtype, headdim_v)
+        accumulate = (torch.empty(out_shape), torch.empty(batch, nheads, seqlen))
+        ta.forward(q, k, v, scale, pos, pos, 0, seqlen, torch.float32, accumulate, softcap=softcap)
 
     def ring_forward_full(ta):  # an off-diagonal causal ring step: every key visible (the FULL variant)
-        q, k, v = _tensors(*shape, dtype)
-        accumulate = (torch.empty(q.shape), torch.empty(batch, nheads, seqlen))
-        ta.forward(q, k, v, scale, Positions(seqlen, 1, seqlen), pos, 2 * seqlen, 0, torch.float32, accumulate)
+        q, k, v = _tensors(*shape, dtype, headdim_v)
+        accumulate = (torch.empty(out_shape), torch.empty(batch, nheads, seqlen))
+        ta.forward(q, k, v, scale, Positions(seqlen, 1, seqlen), pos, 2 * seqlen, 0, torch.float32, accumulate,
+                   softcap=softcap)
 
     def backward(ta):  # a ring step: gradients added into the float32 accumulators
-        q, k, v = _tensors(*shape, dtype)
-        out, lse = torch.empty_like(q), torch.empty(batch, nheads, seqlen)
+        q, k, v = _tensors(*shape, dtype, headdim_v)
+        out, lse = torch.empty(out_shape, dtype=dtype), torch.empty(batch, nheads, seqlen)
         accumulate = tuple(torch.empty(t.shape) for t in (q, k, v))
-        ta.backward(torch.empty_like(q), q, k, v, out, lse, scale, pos, pos, 0, seqlen, accumulate)
+        ta.backward(torch.empty_like(out), q, k, v, out, lse, scale, pos, pos, 0, seqlen, accumulate, softcap=softcap)
 
     def varlen_pairs(total):
         half = total // 2
@@ -173,12 +177,12 @@ def cases(shape, dtype):
 
     def packed(ta):
         total = batch * seqlen
-        q, k, v = (t.reshape(total, t.shape[2], headdim) for t in _tensors(*shape, dtype))
+        q, k, v = (t.reshape(total, *t.shape[2:]) for t in _tensors(*shape, dtype, headdim_v))
         pairs = varlen_pairs(total)
-        out, lse = torch.empty(q.shape, dtype=torch.float32), torch.empty(nheads, total)
-        ta.forward_varlen(q, k, v, scale, pairs, out, lse)
-        ta.backward_varlen(torch.empty_like(q), q, k, v, torch.empty_like(q), lse, scale, pairs,
-                           *(torch.empty(t.shape) for t in (q, k, v)))
+        out, lse = torch.empty(total, *out_shape[2:], dtype=torch.float32), torch.empty(nheads, total)
+        ta.forward_varlen(q, k, v, scale, pairs, out, lse, softcap=softcap)
+        ta.backward_varlen(torch.empty_like(out, dtype=dtype), q, k, v, out.to(dtype), lse, scale, pairs,
+                           *(torch.empty(t.shape) for t in (q, k, v)), softcap=softcap)
 
     def pointer_path(run):  # what inputs TMA cannot read get (e.g. a non-contiguous head dim)
         def without_tma(ta):
@@ -197,11 +201,12 @@ def cases(shape, dtype):
 KERNELS = ("_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv", "_bwd_dq")
 
 
-def compile_cases(shape, dtype, space=None, only=None):
-    """Every config each case's launches compile, as ``Compiled`` records."""
+def compile_cases(shape, dtype, space=None, only=None, features=None):
+    """Every config each case's launches compile, as ``Compiled`` records; ``features``: keyword arguments of
+    ``cases`` (headdim_v, softcap)."""
     from dist_attn.kernels import triton_attention as ta
     records = []
-    selected = [c for c in cases(shape, dtype) if only is None or c[0] in only]
+    selected = [c for c in cases(shape, dtype, **(features or {})) if only is None or c[0] in only]
     for case, run in progress(selected, "compile for sm_90"):
         with compile_only(ta, KERNELS, space) as compiled:
             run(ta)
@@ -212,23 +217,23 @@ def compile_cases(shape, dtype, space=None, only=None):
     return records
 
 
-def _case_reports(shape, dtype, space_name, case):
+def _case_reports(shape, dtype, space_name, case, features=None):
     """Compiles and analyses one case (in a worker process: cases compile in parallel)."""
     space = candidate_space() if space_name == "candidates" else None
-    return [analyse(r) for r in compile_cases(shape, dtype, space, [case])]
+    return [analyse(r) for r in compile_cases(shape, dtype, space, [case], features)]
 
 
-def run_cases(shape, dtype, space_name="kept", only=None, jobs=1):
+def run_cases(shape, dtype, space_name="kept", only=None, jobs=1, features=None):
     """``Report`` s of every selected case, in case order; ``jobs`` worker processes compile cases side by
     side (Triton compiles one kernel on one core)."""
     names = [name for name, _ in cases(shape, dtype) if only is None or name in only]
     if jobs <= 1:
         return [r for name in progress(names, "compile + analyse")
-                for r in _case_reports(shape, dtype, space_name, name)]
+                for r in _case_reports(shape, dtype, space_name, name, features)]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_case_reports, shape, dtype, space_name, name) for name in names]
+        futures = [pool.submit(_case_reports, shape, dtype, space_name, name, features) for name in names]
         return [r for future in progress(futures, "compile + analyse") for r in future.result()]
 
 
@@ -373,6 +378,8 @@ def parse_args(argv=None):
     p.add_argument("--shape", type=int, nargs=5, default=[4, 4096, 32, 8, 128],
                    metavar=("BATCH", "SEQLEN", "HEADS", "KV_HEADS", "HEADDIM"))
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--headdim-v", type=int, default=None, help="v head dim (default: HEADDIM; MLA: e.g. 128 with 192)")
+    p.add_argument("--softcap", type=float, default=None, help="compile the logit-softcap variants")
     p.add_argument("--cases", nargs="+", default=None,
                    help="fwd ring-fwd ring-fwd-full bwd varlen fwd-pointer bwd-pointer (default: all)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="cases compiled side by side")
@@ -386,7 +393,8 @@ def main(argv=None):
         sys.exit("kernel_static: unset TRITON_INTERPRET (nothing is compiled under the interpreter)")
     args = parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    reports = run_cases(tuple(args.shape), dtype, args.space, args.cases, args.jobs)
+    features = {"headdim_v": args.headdim_v, "softcap": args.softcap}
+    reports = run_cases(tuple(args.shape), dtype, args.space, args.cases, args.jobs, features)
     command = "python -m benchmarks.kernel_static " + " ".join(argv if argv is not None else sys.argv[1:])
     text = markdown(reports, command.strip(), tuple(args.shape), args.dtype)
     stem = "kernel_static_sm90" + ("_candidates" if args.space == "candidates" else "")

@@ -22,8 +22,10 @@ creates the groups (``dist_attn.groups.sequence_parallel_groups``: the same rank
 (``dist_attn.usp_attention``) on this rank's tokens as yunchang places them (ring_impl_type ``"basic"``,
 ``"zigzag"``, ``"strip"``: the layouts above, cut into Ulysses pieces as ``dist_attn.usp_shard`` does).
 
+yunchang's ``softcap`` (logit softcapping, 0.0 = off) is honoured.
+
 Refused with a ValueError naming the argument: ``dropout_p`` > 0, ``alibi_slopes``, ``return_attn_probs=True``,
-a nonzero ``softcap``, yunchang's ``use_ulysses_low=False``, other scatter/gather indices, QKV packing.
+yunchang's ``use_ulysses_low=False``, other scatter/gather indices, QKV packing.
 """
 
 from __future__ import annotations
@@ -39,15 +41,13 @@ RING_FLASH_ATTN_LAYOUTS = {"ring": "contiguous", "zigzag_ring": "zigzag", "strip
 YUNCHANG_LAYOUTS = {"basic": "contiguous", "zigzag": "zigzag", "strip": "striped"}
 
 
-def _refuse_unsupported(name, dropout_p, alibi_slopes, return_attn_probs, softcap=0.0):
+def _refuse_unsupported(name, dropout_p, alibi_slopes, return_attn_probs):
     if dropout_p != 0.0:
         raise ValueError(f"{name}: dropout_p must be 0 (attention dropout is not supported); got {dropout_p!r}")
     if alibi_slopes is not None:
         raise ValueError(f"{name}: alibi_slopes is not supported; pass None")
     if return_attn_probs:
         raise ValueError(f"{name}: return_attn_probs=True is not supported (the output alone is returned)")
-    if softcap != 0.0:
-        raise ValueError(f"{name}: softcap must be 0.0 (logit softcapping is not supported); got {softcap!r}")
 
 
 def _window(name, window_size):
@@ -183,7 +183,7 @@ class LongContextAttention(torch.nn.Module):
 
     def forward(self, query, key, value, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                 alibi_slopes=None, deterministic=False, return_attn_probs=False, *args, softcap=0.0):
-        _refuse_unsupported("LongContextAttention", dropout_p, alibi_slopes, return_attn_probs, softcap)
+        _refuse_unsupported("LongContextAttention", dropout_p, alibi_slopes, return_attn_probs)
         return usp_attention(query, key, value, causal=causal, softmax_scale=softmax_scale, layout=self.layout,
                              ulysses_group=self.groups.ulysses_group, ring_group=self.groups.ring_group,
-                             window=_window("LongContextAttention", window_size))
+                             window=_window("LongContextAttention", window_size), softcap=softcap)

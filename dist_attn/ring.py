@@ -1,9 +1,9 @@
 """Ring attention: exact attention over a sequence sharded across the ranks of a process group.
 
 Algorithm (Liu et al. 2023, "Ring Attention with Blockwise Transformers"; zigzag balancing as in
-ring-flash-attention). Each rank keeps its queries. For w steps, K and V (one buffer: K and V side by side on the head dim, so
-MLA's narrower V costs no padding) travel
-one rank around the ring; at step s rank r holds the block of rank (r - s) mod w, starts sending it on
+ring-flash-attention). Each rank keeps its queries. For w steps, K and V (one buffer: K and V side by side
+on the head dim, so MLA's narrower V costs no padding) travel one rank around the ring; at step s rank r
+holds the block of rank (r - s) mod w, starts sending it on
 (``RingComm``) and, meanwhile, runs the local kernel for every (query segment, key segment) pair of
 global positions that the mask leaves visible: pairs the causal mask or window removes entirely are
 skipped without a kernel launch. Partial results merge in float32 inside the kernel's epilogue

@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 
 from dist_attn.kernels import flash_attn_func
-from dist_attn.kernels.validation import check_causal, check_qkv, check_scale, check_sinks, check_window
+from dist_attn.kernels.validation import (check_causal, check_qkv, check_scale, check_sinks, check_softcap,
+                                         check_window)
 
 from .comm import as_group, record_traffic
 from .layouts import check_layout, check_local_length, chunks_per_rank, gather, global_positions, shard
@@ -180,6 +181,7 @@ def usp_attention(q, k, v, causal=False, softmax_scale=None, layout="zigzag", ul
     _, _, _, nheads, nheads_kv, headdim = check_qkv(q, k, v)
     scale = check_scale(softmax_scale, headdim)
     window = check_window(window)
+    softcap = check_softcap(softcap)
     check_sinks(sinks, nheads, q)
     check_causal(causal)
     check_layout(layout)

@@ -36,6 +36,7 @@ Run the tests under the interpreter on CPU:  TRITON_INTERPRET=1 pytest tests/tes
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -69,17 +70,19 @@ def _configs(kept):
             for bm, bn, warps, stages in kept]
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """float32 gets _IEEE_CONFIG; a (padded) head dim of 256 gets tiles of at most 64 rows (shared memory); _TMA_ONLY
-    configs only run with TMA."""
+def _prune_configs(configs, named_args, wide_spills=frozenset(), **kwargs):
+    """float32 gets _IEEE_CONFIG; a (padded) head dim of 256 gets tiles of at most 64 rows (shared memory) and
+    not the tiles in ``wide_spills``; _TMA_ONLY configs only run with TMA."""
     meta = {**named_args, **kwargs}
     if meta["PRECISION"] == "ieee":
         return [_IEEE_CONFIG]
-    limit = 64 if max(meta["BLOCK_DQK"], meta["BLOCK_DV"]) >= 256 else 128
+    wide = max(meta["BLOCK_DQK"], meta["BLOCK_DV"]) >= 256
+    limit = 64 if wide else 128
 
     def runs_here(c):
         tile = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-        return max(tile[:2]) <= limit and (meta["TMA"] or tile not in _TMA_ONLY)
+        return (max(tile[:2]) <= limit and (meta["TMA"] or tile not in _TMA_ONLY)
+                and not (wide and tile in wide_spills))
     kept = [c for c in configs if runs_here(c)]
     return kept or configs[:1]
 
@@ -91,6 +94,9 @@ _TMA_ONLY = {(128, 128, 8, 2)}
 _TUNE_KEY = ["seqlen_bucket", "BLOCK_DQK", "BLOCK_DV", "PRECISION", "VARLEN", "ACCUMULATE", "TMA", "SOFTCAP"]
 _FWD_TUNE_KEY = _TUNE_KEY + ["FULL"]
 _PRUNE = {"early_config_prune": _prune_configs}
+# dK/dV with a (padded) q/k head dim of 256 (MLA's 192, or 256): 64 x 64 tiles with 3 stages spill in the main loop
+# (fp16 192/128 with softcap: 139 local-memory instructions; benchmarks/kernel_static.py)
+_PRUNE_DKDV = {"early_config_prune": functools.partial(_prune_configs, wide_spills={(64, 64, 8, 3)})}
 # Positions and lengths change from ring step to ring step: do not compile a variant per value class.
 _NO_SPECIALIZE = ["seqlen_q", "seqlen_k", "q_offset", "k_offset", "below", "above", "seqlen_bucket"]
 
@@ -485,7 +491,7 @@ def _store_grad(Head, rows, stride_row, stride_d, n_rows, grad, ACCUMULATE: tl.c
 
 
 @triton.autotune(configs=_configs([(32, 64, 8, 2), (32, 64, 8, 3), (32, 128, 8, 2), (64, 64, 8, 3)]),
-                 key=_TUNE_KEY, prune_configs_by=_PRUNE)
+                 key=_TUNE_KEY, prune_configs_by=_PRUNE_DKDV)
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Table,
               stride_qb, stride_qm, stride_qh, stride_qd,

@@ -114,8 +114,8 @@ def flash_attn_varlen_forward(q, k, v, softmax_scale, causal, q_spans, k_spans, 
 
     q: (total_q, nheads, headdim); k: (total_k, nheads_kv, headdim), v: (total_k, nheads_kv, headdim_v). A span
     ``(start, length, offset)`` is ``length`` rows from row ``start``, row j at global position ``offset + j *
-    stride``. Returns out (total_q, nheads, headdim_v) in ``out_dtype`` (default q.dtype) and lse (nheads, total_q), float32;
-    rows outside every span, and rows that see no key, get out 0 and lse -inf. ``accumulate=(out, lse)``:
+    stride``. Returns out (total_q, nheads, headdim_v) in ``out_dtype`` (default q.dtype) and lse (nheads, total_q),
+    float32; rows outside every span, and rows that see no key, get out 0 and lse -inf. ``accumulate=(out, lse)``:
     float32 accumulators of those shapes to merge the result into, in place, as ``flash_attn_forward``
     does; they are returned.
     """

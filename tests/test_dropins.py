@@ -209,6 +209,12 @@ def yunchang_cases(rank, world_size):
         out = compat.LongContextAttention(ring_impl_type=ring_impl)(*leaves, causal=True)
         out.backward(place(dout))
         errors[ring_impl] = _errors(out.detach(), [x.grad for x in leaves], refs, place)
+    place = functools.partial(yunchang_local, ring_impl="zigzag", rank=rank, w=world_size, ud=2)
+    leaves = [place(x).clone().requires_grad_() for x in (q, k, v)]
+    out = compat.LongContextAttention(ring_impl_type="zigzag")(*leaves, causal=True, softcap=2.0)
+    out.backward(place(dout))
+    errors["zigzag-softcap"] = _errors(out.detach(), [x.grad for x in leaves],
+                                       reference_with_grads(q, k, v, dout, True, softcap=2.0), place)
     return errors
 
 
@@ -221,7 +227,7 @@ def compat_refusals():
         "alibi_slopes": lambda: compat.ring_flash_attn_func(x, x, x, alibi_slopes=torch.ones(2)),
         "return_attn_probs": lambda: compat.stripe_flash_attn_func(x, x, x, return_attn_probs=True),
         "window_size": lambda: compat.ring_flash_attn_func(x, x, x, window_size=4),
-        "softcap": lambda: compat.LongContextAttention()(x, x, x, softcap=30.0),
+        "softcap": lambda: compat.LongContextAttention()(x, x, x, softcap=-30.0),
         "scatter_idx": lambda: compat.LongContextAttention(scatter_idx=1),
         "ring_impl_type": lambda: compat.LongContextAttention(ring_impl_type="ring"),
         "use_ulysses_low": lambda: compat.set_seq_parallel_pg(2, 2, dist.get_rank(), 4, use_ulysses_low=False),
@@ -375,7 +381,8 @@ def test_ring_flash_attn_signatures_on_their_layouts(w):
 def test_yunchang_long_context_attention_on_its_layouts():
     for rank, result in enumerate(world()):
         errors = result["yunchang"]
-        assert set(errors) == {"basic", "zigzag", "strip"} and max(errors.values()) <= COMPAT_TOL, (rank, errors)
+        assert set(errors) == {"basic", "zigzag", "strip", "zigzag-softcap"}, errors
+        assert max(errors.values()) <= COMPAT_TOL, (rank, errors)
 
 
 @pytest.mark.parametrize("name,words", [
@@ -383,7 +390,7 @@ def test_yunchang_long_context_attention_on_its_layouts():
     ("alibi_slopes", ["ring_flash_attn", "alibi_slopes"]),
     ("return_attn_probs", ["stripe_flash_attn", "return_attn_probs"]),
     ("window_size", ["window_size must be a pair", "4"]),
-    ("softcap", ["softcap must be 0.0", "30.0"]),
+    ("softcap", ["softcap must be a positive finite number", "-30.0"]),
     ("scatter_idx", ["scatter_idx=2, gather_idx=1", "1, 1"]),
     ("ring_impl_type", ["ring_impl_type must be one of", "'ring'"]),
     ("use_ulysses_low", ["use_ulysses_low=False"]),

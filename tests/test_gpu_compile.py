@@ -25,7 +25,10 @@ SM90_SHARED_MEMORY = 232448  # bytes per block on sm_90 (227 KiB)
 ATTENTION_KERNELS = {"fwd_kernel", "bwd_dkdv", "bwd_dq"}
 
 
-OTHER_DTYPES = {"fp16": ["2", "1024", "8", "2", "96"], "fp32": ["2", "1024", "8", "2", "64"]}
+# fp16 with MLA head dims (q/k 192, padded to 256; v 128) and the softcap variants; the float32 (IEEE) path
+OTHER_VARIANTS = {"fp16-mla-softcap": ["--dtype", "fp16", "--shape", "2", "1024", "8", "2", "192", "--headdim-v", "128",
+                                       "--softcap", "30"],
+                  "fp32": ["--dtype", "fp32", "--shape", "2", "1024", "8", "2", "64"]}
 
 
 def start_compile(tmp_dir, *args):
@@ -51,12 +54,11 @@ def reports_of(proc):
 
 @pytest.fixture(scope="module")
 def all_reports(tmp_path_factory):
-    """bf16, head dim 128, Llama-3-8B-like heads (32 / 8): every case of the static check; and fp16 with a padded
-    head dim (96 -> 128) and the float32 (IEEE) path for the ring forward and the backward."""
+    """bf16, head dim 128, Llama-3-8B-like heads (32 / 8): every case of the static check; and OTHER_VARIANTS for
+    the ring forward and the backward."""
     procs = {"bf16": start_compile(tmp_path_factory.mktemp("static"), "--shape", "4", "4096", "32", "8", "128")}
-    for dtype, shape in OTHER_DTYPES.items():
-        procs[dtype] = start_compile(tmp_path_factory.mktemp(f"static-{dtype}"), "--dtype", dtype, "--shape",
-                                     *shape, "--cases", "ring-fwd", "bwd")
+    for name, args in OTHER_VARIANTS.items():
+        procs[name] = start_compile(tmp_path_factory.mktemp(f"static-{name}"), *args, "--cases", "ring-fwd", "bwd")
     return {dtype: reports_of(proc) for dtype, proc in procs.items()}
 
 
@@ -110,9 +112,15 @@ def test_tma_where_the_launcher_turns_it_on(bf16_reports):
             assert r["tma_loads"] > 0, f"{label(r)}: no cp.async.bulk.tensor load"
 
 
-@pytest.mark.parametrize("dtype", OTHER_DTYPES)
-def test_other_dtypes_compile_and_fit(all_reports, dtype):
-    """fp16 with a padded head dim (96 -> 128) and the float32 (IEEE) path: compile and fit."""
-    reports = all_reports[dtype]
+@pytest.mark.parametrize("variant", OTHER_VARIANTS)
+def test_other_variants_compile_and_fit(all_reports, variant):
+    """MLA head dims with softcap (fp16) and the float32 (IEEE) path: compile and fit sm_90's shared memory; the
+    16-bit MLA kernels also use wgmma and keep their main loops free of spills."""
+    reports = all_reports[variant]
     assert {r["kernel"] for r in reports} == ATTENTION_KERNELS | {"bwd_preprocess"}
-    assert all(r["shared"] <= SM90_SHARED_MEMORY for r in reports)
+    over = [f"{label(r)}: {r['shared']} B" for r in reports if r["shared"] > SM90_SHARED_MEMORY]
+    assert not over, over
+    if variant.startswith("fp16"):
+        bad = [label(r) for r in reports if r["kernel"] in ATTENTION_KERNELS
+               and (r["wgmma"] == 0 or r["mma_sync"] or r["loop_spills"])]
+        assert not bad, bad

@@ -29,17 +29,31 @@ TOL = 1e-5  # fp32: |got - expected| <= TOL * (1 + max |expected|) for logits, l
 SEQLEN, BATCH, VOCAB, WINDOW = 48, 2, 97, 10
 LAYOUTS = ("zigzag", "contiguous", "striped")
 MODELS = ("llama", "qwen2_sliding")
+# Models whose attention needs more than a causal band: Gemma 2 (logit softcap, sliding layers), gpt-oss (sinks,
+# sliding layers, MoE), DeepSeek-V3 (MLA: q/k head dim 24, v 8; MoE)
+FEATURE_MODELS = ("gemma2", "gpt_oss", "deepseek_v3")
 TRAIN_ARGV = ["--steps", "2", "--device", "cpu", "--seqlen", "32"]
 DOC_LENS = (5, 17, 1, 26)  # packed documents
 
 
 def make_config(kind):
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import DeepseekV3Config, Gemma2Config, GptOssConfig, LlamaConfig, Qwen2Config
 
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2, attention_dropout=0.0)
+    alternating = dict(head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])
     if kind == "llama":
         return LlamaConfig(**common)
+    if kind == "gemma2":  # a softcap of 2 bites: the tiny model's scores reach several units
+        return Gemma2Config(**common, **alternating, attn_logit_softcapping=2.0, query_pre_attn_scalar=16)
+    if kind == "gpt_oss":
+        return GptOssConfig(**common, **alternating, num_local_experts=4, num_experts_per_tok=2,
+                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if kind == "deepseek_v3":
+        return DeepseekV3Config(**dict(common, num_key_value_heads=4), moe_intermediate_size=32, n_routed_experts=4,
+                                num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
+                                topk_group=1, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16,
+                                qk_rope_head_dim=8, v_head_dim=8)
     cfg = Qwen2Config(**common, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)
     assert cfg.layer_types == ["full_attention", "sliding_attention"], cfg.layer_types
     return cfg
@@ -186,6 +200,7 @@ def run_bad_inputs(rank, world_size):
         "local_positions": error_of(lambda: sp(input_ids=batch["input_ids"], use_cache=False)),  # HF's arange
         "other_layout": error_of(lambda: sp(**hf.shard_inputs(ids, layout="striped"), use_cache=False)),
         "layout": error_of(lambda: hf.register(layout="diagonal")),
+        "position_bias": error_of(lambda: sp(**batch, use_cache=False, position_bias=torch.zeros(1))),
         "sdpa_under_context_parallel": error_of(lambda: sdpa_model_under_context_parallel(
             hf.shard_inputs(ids, layout="striped"), "striped")),
         **run_bad_packed_inputs(sp),
@@ -259,16 +274,19 @@ def run_everything(rank, world_size, cases):
     return results
 
 
+FEATURE_CASES = [(kind, layout) for kind in FEATURE_MODELS for layout in ("zigzag", "striped")]
+
+
 def world_cases(world_size):
     if world_size == 2:
-        return [(kind, layout) for kind in MODELS for layout in LAYOUTS]
-    return [("llama", "zigzag"), ("qwen2_sliding", "zigzag"), ("llama", "striped")]
+        return [(kind, layout) for kind in MODELS for layout in LAYOUTS] + FEATURE_CASES
+    return [("llama", "zigzag"), ("qwen2_sliding", "zigzag"), ("llama", "striped")] + FEATURE_CASES
 
 
 def packed_cases(world_size):
     if world_size == 2:
-        return [("llama", "zigzag"), ("qwen2_sliding", "zigzag"), ("llama", "striped")]
-    return [("llama", "zigzag"), ("qwen2_sliding", "zigzag")]
+        return [("llama", "zigzag"), ("qwen2_sliding", "zigzag"), ("llama", "striped")] + FEATURE_CASES
+    return [("llama", "zigzag"), ("qwen2_sliding", "zigzag")] + FEATURE_CASES
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
@@ -322,6 +340,7 @@ def test_bad_inputs_raise_clear_errors(world):
             assert "position_ids must be the global positions" in bad["local_positions"], bad
         assert "position_ids must be the global positions" in bad["other_layout"], bad
         assert "layout" in bad["layout"], bad
+        assert "does not support ['position_bias']" in bad["position_bias"], bad
         assert "attn_mask is not supported" in bad["sdpa_under_context_parallel"], bad
         assert "dist_attn.integrations.hf.register()" in bad["sdpa_under_context_parallel"], bad
         assert result["registered"] == "zigzag"

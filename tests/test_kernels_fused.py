@@ -233,7 +233,8 @@ def test_autotune_pruning_keeps_each_config_to_the_code_it_was_checked_for():
     configs = [plain, tma_only]
 
     def kept(**meta):
-        return ta._prune_configs(configs, {}, **dict(dict(PRECISION="tf32", BLOCK_DQK=128, BLOCK_DV=128, TMA=True), **meta))
+        defaults = dict(PRECISION="tf32", BLOCK_DQK=128, BLOCK_DV=128, TMA=True)
+        return ta._prune_configs(configs, {}, **dict(defaults, **meta))
 
     assert kept() == configs
     assert kept(TMA=False) == [plain]

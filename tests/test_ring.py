@@ -20,6 +20,7 @@ FWD_TOL, GRAD_TOL = 2e-5, 1e-4  # fp32 vs float64 (docs/design.md)
 WORLD_SIZES = [1, 2, 3, 4, 8]
 LAYOUTS = ["contiguous", "zigzag", "striped"]
 HEADS = {"mha": (4, 4), "gqa": (4, 2)}
+FEATURES = dict(headdim_v=8, softcap=2.0, sinks=True)  # MLA-like dims (q/k 16, v 8), Gemma 2, gpt-oss
 GROWTH_SEQLEN = 128  # divisible by 2 x 8 and unlike any other case: the same inputs on every world size
 
 
@@ -49,6 +50,15 @@ def cases_for(world_size):
     if world_size in (1, 8):
         cases.append(dict(layout="zigzag", causal=True, heads="gqa", seqlen=GROWTH_SEQLEN, dtype="float32",
                           window=None, backend="torch"))
+    # MLA head dims (v narrower than q/k), softcap and sinks together, every layout at w <= 4, w = 8 once
+    for layout in LAYOUTS if world_size <= 4 else ["zigzag"]:
+        seqlen = world_size * (14 if layout == "zigzag" else 13)
+        for causal, window in ((True, None), (False, (5, 3))):
+            cases.append(dict(layout=layout, causal=causal, heads="gqa", seqlen=seqlen, dtype="float32",
+                              window=window, backend="torch", **FEATURES))
+    if world_size == 2:
+        cases.append(dict(layout="zigzag", causal=True, heads="gqa", seqlen=28, dtype="float32", window=None,
+                          backend="triton", **FEATURES))
     return cases
 
 
@@ -59,20 +69,29 @@ def run_case(rank, world_size, case):
     nheads, nheads_kv = HEADS[case["heads"]]
     dtype = getattr(torch, case["dtype"])
     gen = torch.Generator().manual_seed(case["seqlen"])
+    headdim_v, softcap = case.get("headdim_v", 16), case.get("softcap")
     q = torch.randn(2, case["seqlen"], nheads, 16, generator=gen)
-    k, v = (torch.randn(2, case["seqlen"], nheads_kv, 16, generator=gen) for _ in range(2))
-    dout = torch.randn(q.shape, generator=gen)
+    k = torch.randn(2, case["seqlen"], nheads_kv, 16, generator=gen)
+    v = torch.randn(2, case["seqlen"], nheads_kv, headdim_v, generator=gen)
+    dout = torch.randn(q.shape[:3] + (headdim_v,), generator=gen)
+    sinks = torch.randn(nheads, generator=gen).requires_grad_() if case.get("sinks") else None
     q, k, v, dout = (x.to(dtype) for x in (q, k, v, dout))
     layout, causal, window = case["layout"], case["causal"], case["window"]
     local = [shard(x, layout=layout, rank=rank, world_size=world_size).requires_grad_() for x in (q, k, v)]
-    out = ring_attention(*local, causal=causal, layout=layout, window=window, backend=case["backend"])
+    out = ring_attention(*local, causal=causal, layout=layout, window=window, backend=case["backend"],
+                         softcap=softcap, sinks=sinks)
     out.backward(shard(dout, layout=layout, rank=rank, world_size=world_size))
     results = [gather(t.detach(), layout=layout) for t in (out, *(x.grad for x in local))]
+    names = ("out", "dq", "dk", "dv")
+    if sinks is not None:  # each rank holds its rows' share of d sinks: the full gradient is their sum
+        if world_size > 1:
+            torch.distributed.all_reduce(sinks.grad)
+        results.append(sinks.grad)
+        names += ("dsinks",)
     if rank != 0:
         return None
-    reference = reference_with_grads(q, k, v, dout, causal, window)
+    reference = reference_with_grads(q, k, v, dout, causal, window, softcap=softcap, sinks=sinks)
     ref_out, ref_grads = reference[0], reference[2:]
-    names = ("out", "dq", "dk", "dv")
     errors = {name: max_error(got, ref) for name, got, ref in zip(names, results, (ref_out, *ref_grads))}
     errors["nan"] = any(torch.isnan(t).any().item() for t in results)
     if dtype != torch.float32:  # the bar for low precision: PyTorch's own error in that dtype
@@ -103,7 +122,7 @@ def test_ring_matches_full_attention(world_size, case):
     assert not errors["nan"], "NaN in ring output or gradients"
     if case["dtype"] == "float32":
         assert errors["out"] <= FWD_TOL, errors
-        assert max(errors["dq"], errors["dk"], errors["dv"]) <= GRAD_TOL, errors
+        assert max(errors[name] for name in ("dq", "dk", "dv", "dsinks") if name in errors) <= GRAD_TOL, errors
     else:
         for name, plain in errors["plain"].items():
             assert errors[name] <= 2 * plain, f"{name}: {errors[name]:.3g} > 2x PyTorch's {plain:.3g}; {errors}"

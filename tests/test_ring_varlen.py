@@ -31,6 +31,9 @@ def cases():
                        lengths=(0, 33, 2)))
     # the Triton kernels (interpreter on CPU) inside the ring, small
     result.append(dict(layout="zigzag", causal=True, heads=(2, 1), window=None, backend="triton", lengths=(5, 40, 19)))
+    # MLA-like head dims (v 8, q/k 16), softcap and sinks: padded rows must stay 0 with a sink too
+    result += [dict(layout=layout, causal=True, heads=(4, 2), window=None, backend="torch", lengths=(5, 40, 19, 0),
+                    features=True) for layout in LAYOUTS]
     return result
 
 
@@ -44,27 +47,37 @@ def run_case(rank, world_size, case):
     lengths, (nheads, nheads_kv) = case["lengths"], case["heads"]
     cu_seqlens, total = cu(lengths), sum(lengths)
     gen = torch.Generator().manual_seed(total)
+    features = case.get("features", False)
+    headdim_v, softcap = (8, 2.0) if features else (16, None)
     q = torch.randn(total, nheads, 16, generator=gen)
-    k, v = (torch.randn(total, nheads_kv, 16, generator=gen) for _ in range(2))
-    dout = torch.randn(q.shape, generator=gen)
+    k = torch.randn(total, nheads_kv, 16, generator=gen)
+    v = torch.randn(total, nheads_kv, headdim_v, generator=gen)
+    dout = torch.randn(total, nheads, headdim_v, generator=gen)
+    sinks = torch.randn(nheads, generator=gen).requires_grad_() if features else None
     layout, causal, window = case["layout"], case["causal"], case["window"]
     local = [shard(x, layout, rank, world_size, cu_seqlens=cu_seqlens).requires_grad_() for x in (q, k, v)]
     out = ring_attention(*local, causal=causal, layout=layout, window=window, cu_seqlens=cu_seqlens,
-                         backend=case["backend"])
+                         backend=case["backend"], softcap=softcap, sinks=sinks)
     out.backward(shard(dout, layout, rank, world_size, cu_seqlens=cu_seqlens))
     padding = shard(torch.ones(total), layout, rank, world_size, cu_seqlens=cu_seqlens) == 0
     padding_zero = all(torch.all(t[padding] == 0).item() for t in (out, *(x.grad for x in local)))
     results = [gather(t.detach(), layout, cu_seqlens=cu_seqlens) for t in (out, *(x.grad for x in local))]
+    if sinks is not None and world_size > 1:  # the ranks' shares of d sinks sum to the gradient
+        torch.distributed.all_reduce(sinks.grad)
     if rank != 0:
         return padding_zero
     errors = dict.fromkeys(("out", "dq", "dk", "dv"), 0.0)
+    dsinks = 0
     for start, end in zip(cu_seqlens.tolist(), cu_seqlens[1:].tolist()):
         if end == start:
             continue
         reference = reference_with_grads(q[None, start:end], k[None, start:end], v[None, start:end],
-                                         dout[None, start:end], causal, window)
-        for name, got, ref in zip(errors, results, (reference[0], *reference[2:])):
+                                         dout[None, start:end], causal, window, softcap=softcap, sinks=sinks)
+        for name, got, ref in zip(errors, results, (reference[0], *reference[2:5])):
             errors[name] = max(errors[name], max_error(got[start:end], ref[0]))
+        dsinks = dsinks + (reference[5] if sinks is not None else 0)
+    if sinks is not None:
+        errors["dsinks"] = max_error(sinks.grad, dsinks)
     errors["nan"] = any(torch.isnan(t).any().item() for t in results)
     errors["padding_zero"] = padding_zero
     return errors
@@ -88,7 +101,7 @@ def test_packed_ring_matches_attention_per_sequence(world_size, case):
     assert not errors["nan"], errors
     assert errors["padding_zero"], "padded rows must give output 0 and zero gradients"
     assert errors["out"] <= FWD_TOL, errors
-    assert max(errors["dq"], errors["dk"], errors["dv"]) <= GRAD_TOL, errors
+    assert max(errors[name] for name in ("dq", "dk", "dv", "dsinks") if name in errors) <= GRAD_TOL, errors
 
 
 # ------------------------------------------------------------------------------------ layouts

@@ -14,6 +14,9 @@ FWD_TOL, GRAD_TOL = 2e-5, 1e-4
 HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}  # with u=4, gqa and mqa replicate K/V heads
 
 
+FEATURES = dict(headdim_v=4, softcap=2.0, sinks=True)
+
+
 def make_groups(world_size, ulysses):
     """(ulysses_group, ring_group) of this rank, Ulysses on adjacent ranks."""
     from dist_attn.groups import sequence_parallel_groups
@@ -30,6 +33,8 @@ def cases_for(world_size):
             for heads in HEADS:
                 cases.append(dict(ulysses=ulysses, ring=ring, causal=causal, heads=heads, layout="zigzag"))
         cases.append(dict(ulysses=ulysses, ring=ring, causal=True, heads="gqa", layout="striped"))
+        if world_size == 4:  # MLA-like head dims (v narrower), softcap and sinks
+            cases.append(dict(ulysses=ulysses, ring=ring, causal=True, heads="gqa", layout="zigzag", **FEATURES))
     return cases
 
 
@@ -50,9 +55,12 @@ def run_cases(rank, world_size, cases):
         nheads, nheads_kv = HEADS[case["heads"]]
         seqlen = 2 * r * u * 5  # odd pieces: 5 tokens per Ulysses rank per zigzag chunk
         gen = torch.Generator().manual_seed(seqlen + nheads_kv)
+        headdim_v, softcap = case.get("headdim_v", 8), case.get("softcap")
         q = torch.randn(2, seqlen, nheads, 8, generator=gen)
-        k, v = (torch.randn(2, seqlen, nheads_kv, 8, generator=gen) for _ in range(2))
-        dout = torch.randn(q.shape, generator=gen)
+        k = torch.randn(2, seqlen, nheads_kv, 8, generator=gen)
+        v = torch.randn(2, seqlen, nheads_kv, headdim_v, generator=gen)
+        dout = torch.randn(q.shape[:3] + (headdim_v,), generator=gen)
+        sinks = torch.randn(nheads, generator=gen).requires_grad_() if case.get("sinks") else None
         layout, causal = case["layout"], case["causal"]
 
         def local(x):
@@ -61,18 +69,23 @@ def run_cases(rank, world_size, cases):
         inputs = [local(x).requires_grad_() for x in (q, k, v)]
         with traffic_meter() as sent:
             out = usp_attention(*inputs, causal=causal, layout=layout, ulysses_group=ulysses_group,
-                                ring_group=ring_group)
+                                ring_group=ring_group, softcap=softcap, sinks=sinks)
         out.backward(local(dout))
         gathered = [usp_gather(t.detach(), layout, ulysses_group, ring_group) for t in (out, *(x.grad for x in inputs))]
+        names = ("out", "dq", "dk", "dv")
+        if sinks is not None:  # every rank's share of d sinks: the full gradient is their sum
+            torch.distributed.all_reduce(sinks.grad)
+            gathered.append(sinks.grad)
+            names += ("dsinks",)
         if rank == 0:
-            ref_out, _, *ref_grads = reference_with_grads(q, k, v, dout, causal)
-            errors = {name: max_error(got, ref) for name, got, ref in
-                      zip(("out", "dq", "dk", "dv"), gathered, (ref_out, *ref_grads))}
+            ref_out, _, *ref_grads = reference_with_grads(q, k, v, dout, causal, softcap=softcap, sinks=sinks)
+            errors = {name: max_error(got, ref) for name, got, ref in zip(names, gathered, (ref_out, *ref_grads))}
             results[case_id(case)] = dict(errors=errors, forward_bytes=sum(sent))
     return results
 
 
 PACKED = [(u, r, layout) for u, r in ((2, 2), (4, 1), (1, 4)) for layout in ("zigzag", "striped", "contiguous")]
+PACKED_FEATURES = [(2, 2, "zigzag", "features")]  # FEATURES (MLA dims, softcap, sinks) on packed sequences
 
 
 def packed_lengths(u, r, layout):
@@ -89,26 +102,35 @@ def run_packed_cases(rank, world_size):
     from dist_attn import usp_attention, usp_gather, usp_shard
 
     results = {}
-    for u, r, layout in PACKED:
+    for u, r, layout, *features in PACKED + PACKED_FEATURES:
         ulysses_group, ring_group = make_groups(world_size, u)
         lengths = packed_lengths(u, r, layout)
         cu_seqlens = torch.tensor([0] + [sum(lengths[:i + 1]) for i in range(3)], dtype=torch.int32)
         gen = torch.Generator().manual_seed(sum(lengths) + u)
-        q, k, v, dout = (torch.randn(sum(lengths), h, 8, generator=gen) for h in (4, 2, 2, 4))
+        headdim_v = FEATURES["headdim_v"] if features else 8
+        q, k, v, dout = (torch.randn(sum(lengths), h, d, generator=gen) for h, d in ((4, 8), (2, 8), (2, headdim_v),
+                                                                                     (4, headdim_v)))
+        sinks = torch.randn(4, generator=gen).requires_grad_() if features else None
+        softcap = FEATURES["softcap"] if features else None
 
         def local(x):
             return usp_shard(x, layout, rank % u, u, rank // u, r, cu_seqlens=cu_seqlens)
 
         inputs = [local(x).requires_grad_() for x in (q, k, v)]
         out = usp_attention(*inputs, causal=True, layout=layout, ulysses_group=ulysses_group, ring_group=ring_group,
-                            cu_seqlens=cu_seqlens)
+                            cu_seqlens=cu_seqlens, softcap=softcap, sinks=sinks)
         out.backward(local(dout))
         gathered = [usp_gather(t.detach(), layout, ulysses_group, ring_group, cu_seqlens=cu_seqlens)
                     for t in (out, *(x.grad for x in inputs))]
         bounds = cu_seqlens.tolist()
-        refs = [reference_with_grads(*(x[None, a:b] for x in (q, k, v, dout)), True) for a, b in zip(bounds, bounds[1:])]
+        refs = [reference_with_grads(*(x[None, a:b] for x in (q, k, v, dout)), True, softcap=softcap, sinks=sinks)
+                for a, b in zip(bounds, bounds[1:])]
         expected = [torch.cat([ref[i][0] for ref in refs]) for i in (0, 2, 3, 4)]
-        results[u, r, layout] = max(max_error(g, e) for g, e in zip(gathered, expected))
+        if sinks is not None:  # summed over the sequences (reference) and over the ranks (ours)
+            torch.distributed.all_reduce(sinks.grad)
+            gathered.append(sinks.grad)
+            expected.append(sum(ref[5] for ref in refs))
+        results[(u, r, layout, *features)] = max(max_error(g, e) for g, e in zip(gathered, expected))
     try:
         usp_shard(torch.zeros(9, 2, 8), "striped", 0, 2, 0, 1, cu_seqlens=torch.tensor([0, 5, 9], dtype=torch.int32))
         results["odd"] = None
@@ -131,10 +153,10 @@ def world_results(world_size):
     return world_outcome(world_size)[0]["dense"]
 
 
-@pytest.mark.parametrize("u,r,layout", PACKED, ids=[f"u{u}-r{r}-{layout}" for u, r, layout in PACKED])
-def test_packed_sequences_under_ulysses_and_ring(u, r, layout):
+@pytest.mark.parametrize("case", PACKED + PACKED_FEATURES, ids=lambda c: "-".join(map(str, c)))
+def test_packed_sequences_under_ulysses_and_ring(case):
     for rank, result in enumerate(world_outcome(4)):
-        assert result["packed"][u, r, layout] <= GRAD_TOL, (rank, result["packed"][u, r, layout])
+        assert result["packed"][case] <= GRAD_TOL, (rank, result["packed"][case])
 
 
 def test_a_packed_ring_shard_that_does_not_split_is_an_error():
@@ -149,19 +171,20 @@ ALL = [(w, c) for w in (2, 4) for c in cases_for(w)]
 def test_usp_matches_full_attention(world_size, case):
     errors = world_results(world_size)[case_id(case)]["errors"]
     assert errors["out"] <= FWD_TOL, errors
-    assert max(errors["dq"], errors["dk"], errors["dv"]) <= GRAD_TOL, errors
+    assert max(errors[name] for name in ("dq", "dk", "dv", "dsinks") if name in errors) <= GRAD_TOL, errors
 
 
 def test_forward_traffic_matches_the_formula():
-    """Bytes one rank sends in a forward: Ulysses moves (u-1)/u of q, k, v and out; the ring (r-1) K/V blocks."""
+    """Bytes one rank sends in a forward: Ulysses moves (u-1)/u of q, k, v and out; the ring (r-1) K/V blocks
+    (K and V side by side: head dims 8 + headdim_v)."""
     for case in cases_for(4):
         u, r = case["ulysses"], case["ring"]
         nheads, nheads_kv = HEADS[case["heads"]]
-        local_len, headdim, batch, elem = 2 * r * u * 5 // (u * r), 8, 2, 4
+        local_len, headdim, headdim_v, batch, elem = 2 * r * u * 5 // (u * r), 8, case.get("headdim_v", 8), 2, 4
         kv_heads = max(nheads_kv, u) if u > 1 else nheads_kv  # replicated up to one per Ulysses rank
-        token_bytes = batch * local_len * headdim * elem  # one head of this rank's tokens
-        ulysses = (u - 1) * token_bytes * (2 * nheads + 2 * kv_heads) // u if u > 1 else 0
-        ring = (r - 1) * 2 * batch * local_len * u * (kv_heads // u) * headdim * elem
+        unit = batch * local_len * elem  # one head dim of one head of this rank's tokens
+        ulysses = (u - 1) * unit * (nheads + kv_heads) * (headdim + headdim_v) // u if u > 1 else 0
+        ring = (r - 1) * batch * local_len * u * (kv_heads // u) * (headdim + headdim_v) * elem
         measured = world_results(4)[case_id(case)]["forward_bytes"]
         assert measured == ulysses + ring, (case, measured, ulysses, ring)
 
