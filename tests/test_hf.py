@@ -2,7 +2,9 @@
 
 Tiny causal LMs built from configs with random weights (no download), float32, GQA (4 query heads, 2 KV
 heads): Llama, and Qwen2 with its second layer a sliding-window layer (window 10, which crosses shard
-boundaries). For every layout the sequence-parallel model (``attn_implementation="dist_attn_ring"``, inputs
+boundaries); and the families whose attention needs more (zigzag and striped, both worlds, dense and packed):
+Gemma 2 (logit softcap 2, alternating sliding layers), gpt-oss (attention sinks, alternating sliding layers,
+MoE) and DeepSeek-V3 (MLA: q/k head dim 24, v 8; MoE). For every layout the sequence-parallel model (``attn_implementation="dist_attn_ring"``, inputs
 from ``shard_inputs``) gives the gathered logits, the loss (HF's own loss through ``shift_labels`` and
 ``num_items_in_batch``, and ``causal_lm_loss``) and, after ``all_reduce_gradients``, the parameter gradients
 of the one-process model with ``attn_implementation="eager"`` on the full sequence. Bad inputs raise
