@@ -314,7 +314,7 @@ def build_stages(slug, out_dir, logs_dir, scratch, dry_run, cpu_count=None):
               240, 60, f"{Path(logs).name}/tests-gpu.xml"),
         Stage("tests-kernels", 1, "kernel tests on the device (" + ("a few fast cases" if dry_run else "all") + ")",
               _py(*pytest, *kernel_tests, "tests/test_kernels.py", "tests/test_kernels_varlen.py",
-                  "tests/test_kernels_fused.py", *workers(8),
+                  "tests/test_kernels_fused.py", "tests/test_kernels_features.py", *workers(8),
                   "--junitxml", f"{logs}/tests-kernels.xml"),
               240, 60, f"{Path(logs).name}/tests-kernels.xml"),
         Stage("demo", 2, "launch.demo under torchrun, world size 1 on " + ("gloo" if dry_run else "NCCL"),

@@ -47,14 +47,15 @@ class _AttentionCache:
         self.saved.append((out.detach(), lse.detach()))
 
     def replay(self, shape):
+        """The next recorded (out, lse); ``shape``: the output shape this call expects."""
         if self.position >= len(self.saved):
             raise RuntimeError(f"dist_attn.checkpoint: the recompute made more ring_attention calls than the forward "
                                f"({len(self.saved)}); the checkpointed function must call ring_attention the same way "
                                f"every time")
         out, lse = self.saved[self.position]
         if out.shape != shape:
-            raise RuntimeError(f"dist_attn.checkpoint: ring_attention call {self.position} of the recompute has "
-                               f"queries of shape {tuple(shape)}, the forward had {tuple(out.shape)}")
+            raise RuntimeError(f"dist_attn.checkpoint: ring_attention call {self.position} of the recompute makes an "
+                               f"output of shape {tuple(shape)}, the forward made {tuple(out.shape)}")
         self.position += 1
         return out.detach(), lse
 

@@ -6,9 +6,9 @@
 Inside the block, every ``torch.nn.functional.scaled_dot_product_attention(q, k, v, ...)`` call (also one
 bound before the block, e.g. ``from torch.nn.functional import scaled_dot_product_attention``: calls are
 caught by a ``TorchFunctionMode``, as PyTorch's own ``context_parallel`` does) on this rank's shard of the
-sequence runs ``dist_attn.ring_attention`` over ``group`` instead: q (B, H, S_local, D), k/v (B, H_kv,
-S_local, D) as ``dist_attn.shard(x, layout, rank, world_size, dim=2)`` places them; the output is this
-rank's shard, (B, H, S_local, D). ``is_causal`` is causal attention on global positions, ``scale`` the
+sequence runs ``dist_attn.ring_attention`` over ``group`` instead: q and k (B, H or H_kv, S_local, D), v
+(B, H_kv, S_local, Ev) as ``dist_attn.shard(x, layout, rank, world_size, dim=2)`` places them; the output is
+this rank's shard, (B, H, S_local, Ev). ``is_causal`` is causal attention on global positions, ``scale`` the
 softmax scale, ``enable_gqa=True`` lets fewer K/V heads through without repeating them (PyTorch's rule: H a
 multiple of H_kv). Anything that would not be exact across shards is refused with a ValueError naming it:
 an ``attn_mask`` (a mask of local shape says nothing about global positions; use ``is_causal``, or

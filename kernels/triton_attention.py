@@ -27,6 +27,11 @@ when the launcher finds the inputs TMA-readable (``_tma_ok``), else through poin
 calls (``FULL``) run one unmasked loop. Which configs are searched was read off the compiled sm_90a code
 (``benchmarks/kernel_static.py``).
 
+Head dims: q/k and v each have their own (``HEAD_DIM_QK``, ``HEAD_DIM_V``, each padded to a power of two in
+the tiles), for MLA. Logit softcapping (``SOFTCAP``, Gemma 2): scores become c tanh(s * scale / c); the
+kernels compute tanh(s * softcap_in) and fold c into qk_scale, and the backward scales dS by 1 - tanh^2.
+Attention sinks need no kernel: they enter the final LSE once (``merge.add_sinks_``).
+
 Packed variable-length sequences (``forward_varlen`` / ``backward_varlen``): the same kernels with
 ``VARLEN=True`` run every sequence of a call in one launch per kernel, each program reading its
 sequence's rows, positions and band from a small int32 table (see ``_load_pair``).

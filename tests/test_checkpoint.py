@@ -229,7 +229,7 @@ def test_ulysses_and_packed_rings_under_checkpoint():
 def test_misuse_is_refused():
     for result in world():
         errors = result["misuse"]
-        assert "queries of shape (1, 4, 2, 8), the forward had (1, 8, 2, 8)" in errors["other_queries"], errors
+        assert "output of shape (1, 4, 2, 8), the forward made (1, 8, 2, 8)" in errors["other_queries"], errors
         assert "use_reentrant=True is not supported" in errors["reentrant"], errors
         assert "already checkpointed" in errors["twice"], errors
         assert errors["not_a_module"].startswith("TypeError") and "torch.nn.Module" in errors["not_a_module"]
