@@ -1,0 +1,262 @@
+"""Mask descriptions: which (query, key) pairs of a global sequence are visible, as a list of slices.
+
+A ``MaskSlice(q_start, q_end, k_start, k_end, below, above)`` makes key position ``kp`` visible from query
+position ``qp`` when ``q_start <= qp < q_end``, ``k_start <= kp < k_end`` and ``qp - below <= kp <= qp +
+above`` (the kernels' band; ``None`` is an unlimited side). Full, causal (``above=0``), sliding-window and
+inverse-causal (``below=0``) blocks are all bands, so every mask below is a short list of them:
+
+- ``causal(seqlen)``, ``window(seqlen, left, right)``;
+- ``documents(cu_seqlens, causal=True, window=None)``: packed documents, no pair across two of them;
+- ``prefix_lm(prefix_lens, cu_seqlens)``: per document a bidirectional prefix, the rest causal;
+- ``shared_prompt(prompt_len, response_lens)``: one causal prompt, then responses that see all of the prompt
+  and, causally, themselves (RL with grouped samples);
+- ``block_sparse(block_mask, block_size, seqlen=None)``: FlashAttention's block-sparse form, a boolean
+  (query blocks x key blocks) matrix.
+
+No pair may be visible in two slices (the softmax would count it twice): ``Mask`` refuses overlaps, ranges out
+of bounds and empty bands. ``row_counts`` gives the exact number of visible keys of every query row, which is
+the work of that row in any attention kernel; ``rank_work`` and ``balanced_dispatch`` turn it into per-rank
+work for a layout, and an assignment of sequence chunks to ranks that balances it (greedy, largest chunk first
+onto the least-loaded rank, as MagiAttention's dispatch solver does).
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import NamedTuple
+
+import torch
+
+from dist_attn.layouts import check_layout, global_positions
+
+
+class MaskSlice(NamedTuple):
+    q_start: int
+    q_end: int
+    k_start: int
+    k_end: int
+    below: int | None = None
+    above: int | None = None
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _band_count(q_start, q_end, k_start, k_end, below, above):
+    """Visible pairs of one band inside the rectangle [q_start, q_end) x [k_start, k_end), exactly."""
+    if q_end <= q_start or k_end <= k_start:
+        return torch.zeros(0, dtype=torch.int64)
+    q = torch.arange(q_start, q_end, dtype=torch.int64)
+    lo = q - below if below is not None else torch.full_like(q, k_start)
+    hi = q + above if above is not None else torch.full_like(q, k_end - 1)
+    return (hi.clamp(max=k_end - 1) - lo.clamp(min=k_start) + 1).clamp(min=0)
+
+
+def _min_side(a, b):
+    if a is None:
+        return b
+    return a if b is None else min(a, b)
+
+
+class Mask:
+    """A validated list of ``MaskSlice`` s over a sequence of ``seqlen`` tokens (see the module docstring)."""
+
+    def __init__(self, seqlen, slices):
+        if not _is_int(seqlen) or seqlen < 1:
+            raise ValueError(f"seqlen must be an int >= 1; got {seqlen!r}")
+        if not isinstance(slices, (list, tuple)):
+            raise TypeError(f"slices must be a list of MaskSlice; got {type(slices).__name__}")
+        checked = []
+        for i, s in enumerate(slices):
+            if not isinstance(s, (tuple, list)) or len(s) != 6:
+                raise TypeError(f"slices[{i}] must be a MaskSlice (q_start, q_end, k_start, k_end, below, above); "
+                                f"got {s!r}")
+            s = MaskSlice(*s)
+            if not all(_is_int(x) for x in s[:4]) or not all(x is None or _is_int(x) for x in s[4:]):
+                raise TypeError(f"slices[{i}] = {tuple(s)}: ranges must be ints and below/above ints or None")
+            if not (0 <= s.q_start < s.q_end <= seqlen and 0 <= s.k_start < s.k_end <= seqlen):
+                raise ValueError(f"slices[{i}] = {tuple(s)}: ranges must be non-empty and inside [0, {seqlen})")
+            if int(_band_count(*s).sum()) == 0:
+                raise ValueError(f"slices[{i}] = {tuple(s)}: its band leaves no visible pair in its ranges")
+            checked.append(s)
+        self.seqlen, self.slices = seqlen, tuple(checked)
+        self._check_overlaps()
+
+    def _check_overlaps(self):
+        order = sorted(range(len(self.slices)), key=lambda i: self.slices[i].q_start)
+        for n, i in enumerate(order):
+            a = self.slices[i]
+            for j in order[n + 1:]:
+                b = self.slices[j]
+                if b.q_start >= a.q_end:
+                    break
+                rect = (b.q_start, min(a.q_end, b.q_end), max(a.k_start, b.k_start), min(a.k_end, b.k_end))
+                if int(_band_count(*rect, _min_side(a.below, b.below), _min_side(a.above, b.above)).sum()):
+                    raise ValueError(f"slices overlap: {tuple(a)} and {tuple(b)} make some (query, key) pair "
+                                     f"visible twice")
+
+    def __repr__(self):
+        return f"Mask(seqlen={self.seqlen}, {len(self.slices)} slices)"
+
+    def dense(self):
+        """The (seqlen, seqlen) boolean matrix, True where the key (column) is visible from the query (row)."""
+        visible = torch.zeros(self.seqlen, self.seqlen, dtype=torch.bool)
+        for s in self.slices:
+            diff = torch.arange(s.q_start, s.q_end)[:, None] - torch.arange(s.k_start, s.k_end)[None, :]  # qp - kp
+            band = torch.ones_like(diff, dtype=torch.bool)
+            if s.below is not None:
+                band &= diff <= s.below
+            if s.above is not None:
+                band &= diff >= -s.above
+            visible[s.q_start:s.q_end, s.k_start:s.k_end] |= band
+        return visible
+
+    def row_counts(self):
+        """int64 (seqlen,): the number of keys every query row sees (its work in any attention kernel)."""
+        counts = torch.zeros(self.seqlen, dtype=torch.int64)
+        for s in self.slices:
+            counts[s.q_start:s.q_end] += _band_count(*s)
+        return counts
+
+    def pairs(self):
+        """The number of visible (query, key) pairs."""
+        return int(self.row_counts().sum())
+
+
+def _bounds(cu_seqlens):
+    bounds = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
+    if len(bounds) < 2 or bounds[0] != 0 or any(not _is_int(b) for b in bounds) \
+            or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must be cumulative lengths starting at 0 and non-decreasing; got {bounds}")
+    if bounds[-1] < 1:
+        raise ValueError(f"cu_seqlens must hold at least one token; got {bounds}")
+    return bounds
+
+
+def causal(seqlen):
+    return Mask(seqlen, [MaskSlice(0, seqlen, 0, seqlen, None, 0)])
+
+
+def window(seqlen, left, right):
+    """``qp - left <= kp <= qp + right`` (None: unlimited); ``window(n, w - 1, 0)`` is a causal sliding window."""
+    return Mask(seqlen, [MaskSlice(0, seqlen, 0, seqlen, left, right)])
+
+
+def documents(cu_seqlens, causal=True, window=None):
+    """Packed documents (``cu_seqlens``: cumulative lengths); inside each, causal and/or ``window=(left, right)``."""
+    bounds = _bounds(cu_seqlens)
+    left, right = window if window is not None else (None, None)
+    above = _min_side(right, 0) if causal else right
+    return Mask(bounds[-1], [MaskSlice(a, b, a, b, left, above) for a, b in zip(bounds, bounds[1:]) if b > a])
+
+
+def prefix_lm(prefix_lens, cu_seqlens):
+    """Per document i: its first ``prefix_lens[i]`` tokens see each other both ways, the rest causally."""
+    bounds = _bounds(cu_seqlens)
+    if len(prefix_lens) != len(bounds) - 1:
+        raise ValueError(f"prefix_lens must have one entry per document ({len(bounds) - 1}); got {len(prefix_lens)}")
+    slices = []
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        p = prefix_lens[i]
+        if not _is_int(p) or not 0 <= p <= b - a:
+            raise ValueError(f"prefix_lens[{i}] must be an int between 0 and the document's length {b - a}; got {p!r}")
+        if p:
+            slices.append(MaskSlice(a, a + p, a, a + p, None, None))
+        if a + p < b:
+            slices.append(MaskSlice(a + p, b, a, b, None, 0))
+    return Mask(bounds[-1], slices)
+
+
+def shared_prompt(prompt_len, response_lens):
+    """A causal prompt of ``prompt_len`` tokens, then responses: each sees the whole prompt and itself causally,
+    never another response."""
+    if not _is_int(prompt_len) or prompt_len < 1:
+        raise ValueError(f"prompt_len must be an int >= 1; got {prompt_len!r}")
+    if not response_lens or any(not _is_int(n) or n < 1 for n in response_lens):
+        raise ValueError(f"response_lens must be a non-empty list of ints >= 1; got {response_lens!r}")
+    slices, start = [MaskSlice(0, prompt_len, 0, prompt_len, None, 0)], prompt_len
+    for n in response_lens:
+        slices += [MaskSlice(start, start + n, 0, prompt_len), MaskSlice(start, start + n, start, start + n, None, 0)]
+        start += n
+    return Mask(start, slices)
+
+
+def block_sparse(block_mask, block_size, seqlen=None):
+    """``block_mask[i, j]`` True: query block i sees key block j entirely (blocks of ``block_size`` tokens; the
+    last one may be shorter when ``seqlen`` is not a multiple). Runs of True blocks in a row become one slice."""
+    if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool:
+        raise TypeError(f"block_mask must be a torch.bool tensor; got "
+                        f"{block_mask.dtype if isinstance(block_mask, torch.Tensor) else type(block_mask).__name__}")
+    if block_mask.dim() != 2 or block_mask.shape[0] != block_mask.shape[1]:
+        raise ValueError(f"block_mask must be square (query blocks x key blocks of one sequence); got shape "
+                         f"{tuple(block_mask.shape)}")
+    if not _is_int(block_size) or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1; got {block_size!r}")
+    blocks = block_mask.shape[0]
+    seqlen = blocks * block_size if seqlen is None else seqlen
+    if not _is_int(seqlen) or not (blocks - 1) * block_size < seqlen <= blocks * block_size:
+        raise ValueError(f"seqlen must lie in ({(blocks - 1) * block_size}, {blocks * block_size}] for {blocks} blocks "
+                         f"of {block_size}; got {seqlen!r}")
+    end = lambda i: min((i + 1) * block_size, seqlen)  # noqa: E731
+    slices = []
+    for i, row in enumerate(block_mask.tolist()):
+        j = 0
+        while j < blocks:
+            if row[j]:
+                first = j
+                while j < blocks and row[j]:
+                    j += 1
+                slices.append(MaskSlice(i * block_size, end(i), first * block_size, end(j - 1)))
+            j += 1
+    return Mask(seqlen, slices)
+
+
+# ------------------------------------------------------------------------------------------- dispatch
+
+def rank_work(mask, layout, world_size):
+    """Visible pairs per rank (a list) when rank r holds the queries of ``layout`` (contiguous, zigzag, striped)
+    or of a ``Dispatch``."""
+    counts = mask.row_counts()
+    if isinstance(layout, Dispatch):
+        return [int(counts[layout.positions(r)].sum()) for r in range(world_size)]
+    check_layout(layout)
+    return [int(counts[global_positions(layout, r, world_size, mask.seqlen // world_size)].sum())
+            for r in range(world_size)]
+
+
+class Dispatch(NamedTuple):
+    """Sequence chunks ``[c * chunk_size, (c + 1) * chunk_size)`` per rank: ``chunks[r]``, ascending."""
+    chunk_size: int
+    chunks: tuple
+
+    def positions(self, rank):
+        """int64 global positions of rank ``rank``'s rows, in local order."""
+        return torch.cat([torch.arange(c * self.chunk_size, (c + 1) * self.chunk_size) for c in self.chunks[rank]])
+
+
+def balanced_dispatch(mask, world_size, chunks_per_rank=16):
+    """Assigns the ``world_size * chunks_per_rank`` equal chunks of the sequence to ranks, ``chunks_per_rank``
+    each, balancing the visible pairs of their queries: chunks by decreasing cost, each onto the rank with the
+    least work among those with room (a min-heap). The sequence length must split into those chunks."""
+    if not _is_int(world_size) or world_size < 1 or not _is_int(chunks_per_rank) or chunks_per_rank < 1:
+        raise ValueError(f"world_size and chunks_per_rank must be ints >= 1; got {world_size!r}, {chunks_per_rank!r}")
+    total_chunks = world_size * chunks_per_rank
+    if mask.seqlen % total_chunks:
+        raise ValueError(f"seqlen {mask.seqlen} must be a multiple of world_size x chunks_per_rank = {total_chunks}")
+    chunk_size = mask.seqlen // total_chunks
+    costs = mask.row_counts().view(total_chunks, chunk_size).sum(1).tolist()
+    heap = [(0, r) for r in range(world_size)]
+    assigned = [[] for _ in range(world_size)]
+    for c in sorted(range(total_chunks), key=lambda c: (-costs[c], c)):
+        load, r = heapq.heappop(heap)
+        assigned[r].append(c)
+        if len(assigned[r]) < chunks_per_rank:
+            heapq.heappush(heap, (load + costs[c], r))
+    return Dispatch(chunk_size, tuple(tuple(sorted(a)) for a in assigned))
+
+
+def imbalance(work):
+    """max / mean of per-rank work (1.0: perfectly balanced)."""
+    mean = sum(work) / len(work)
+    return max(work) / mean if mean else 1.0
