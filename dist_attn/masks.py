@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-from dist_attn.layouts import check_layout, global_positions
+from dist_attn.layouts import check_layout, chunks_per_rank, global_positions
 
 
 class MaskSlice(NamedTuple):
@@ -221,6 +221,9 @@ def rank_work(mask, layout, world_size):
     if isinstance(layout, Dispatch):
         return [int(counts[layout.positions(r)].sum()) for r in range(world_size)]
     check_layout(layout)
+    if mask.seqlen % (world_size * chunks_per_rank(layout)):
+        raise ValueError(f"seqlen {mask.seqlen} must be a multiple of {world_size * chunks_per_rank(layout)} for "
+                         f"layout={layout!r} over {world_size} ranks")
     return [int(counts[global_positions(layout, r, world_size, mask.seqlen // world_size)].sum())
             for r in range(world_size)]
 

@@ -101,6 +101,7 @@ def test_block_sparse_runs_become_one_slice_each():
     (lambda: masks.block_sparse(BLOCKS[:3], 8), ValueError, "square"),
     (lambda: masks.block_sparse(BLOCKS, 8, seqlen=40), ValueError, r"seqlen must lie in \(24, 32\]"),
     (lambda: masks.balanced_dispatch(masks.causal(100), 4, 8), ValueError, "multiple of world_size x chunks"),
+    (lambda: masks.rank_work(masks.causal(100), "zigzag", 8), ValueError, "multiple of 16 for layout='zigzag'"),
 ])
 def test_bad_masks_raise(call, exc, message):
     with pytest.raises(exc, match=message):
