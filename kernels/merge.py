@@ -55,5 +55,7 @@ def sinks_grad(sinks, lse, out, dout):
     for start in range(0, out.shape[1], ROW_CHUNK):
         rows = slice(start, start + ROW_CHUNK)
         delta = (dout[:, rows].float() * out[:, rows].float()).sum(-1).transpose(1, 2)  # (batch, nheads, rows)
-        total -= (torch.exp(sink - lse[:, :, rows]) * delta).sum((0, 2))
+        finite = torch.where(torch.isinf(lse[:, :, rows]), torch.zeros_like(lse[:, :, rows]), lse[:, :, rows])
+        weight = torch.where(torch.isinf(lse[:, :, rows]), 0.0, torch.exp(sink - finite))  # -inf sink, empty row
+        total -= (weight * delta).sum((0, 2))
     return total.to(sinks.dtype)

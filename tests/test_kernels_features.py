@@ -86,6 +86,19 @@ def test_a_sink_keeps_rows_that_see_no_key_finite(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_sink_of_minus_infinity_is_no_sink(backend):
+    """A head whose sink is -inf behaves as without sinks, also on rows that see no key (no NaN anywhere)."""
+    q, k, v, dout, _ = sink_inputs(backend, 40, 20, 2, 2, 16, 16)
+    sinks = torch.tensor([float("-inf"), 0.5], device=q.device)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, sinks)]
+    out, lse = flash_attn_func(*leaves[:3], window=(0, 0), sinks=leaves[3], return_lse=True, backend=backend)
+    grads = torch.autograd.grad(out, leaves, dout)
+    plain, plain_lse = flash_attn_func(q, k, v, window=(0, 0), return_lse=True, backend=backend)
+    assert torch.equal(out[:, :, 0], plain[:, :, 0]) and torch.equal(lse[:, 0], plain_lse[:, 0])
+    assert not any(torch.isnan(g).any() for g in grads) and grads[3][0] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_packed_sequences_with_all_three(backend):
     """flash_attn_varlen_func: every sequence sees its head's sink; d sinks sums over the sequences."""
     lengths = [1, 9, 30, 17]
