@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import torch
 
+from dist_attn.kernels.varlen import check_cu_seqlens
 from dist_attn.layouts import check_layout, chunks_per_rank, global_positions
 
 
@@ -125,13 +126,12 @@ class Mask:
 
 
 def _bounds(cu_seqlens):
-    bounds = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
-    if len(bounds) < 2 or bounds[0] != 0 or any(not _is_int(b) for b in bounds) \
-            or any(b < a for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"cu_seqlens must be cumulative lengths starting at 0 and non-decreasing; got {bounds}")
-    if bounds[-1] < 1:
-        raise ValueError(f"cu_seqlens must hold at least one token; got {bounds}")
-    return bounds
+    """``cu_seqlens`` (an int32 tensor, or a list of ints) checked by the kernels' rule, as a list."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        if not isinstance(cu_seqlens, (list, tuple)) or not all(_is_int(b) for b in cu_seqlens):
+            raise TypeError(f"cu_seqlens must be an int32 tensor or a list of ints; got {cu_seqlens!r}")
+        cu_seqlens = torch.tensor(cu_seqlens, dtype=torch.int32)
+    return check_cu_seqlens("cu_seqlens", cu_seqlens, None)
 
 
 def causal(seqlen):
