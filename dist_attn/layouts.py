@@ -6,6 +6,8 @@ A global sequence of ``n`` tokens is split over ``w`` ranks in one of three layo
 - ``"zigzag"``: the sequence is cut into 2w chunks; rank r holds chunks r and 2w-1-r (``n % 2w == 0``).
   Under a causal mask every rank then gets the same amount of work.
 - ``"striped"``: token t lives on rank t % w (``n % w == 0``); also balanced under a causal mask.
+- ``"balanced"``: for a ``dist_attn.masks.Mask`` (pass ``mask=``), equal chunks assigned so that every rank's
+  queries see about as many keys (``masks.dispatch_for``; ``n % w == 0``). Rank r holds its chunks in order.
 
 A rank's local block is a list of ``Segment`` s, each an arithmetic progression of global positions,
 which is exactly what the kernel takes (offset and stride): one segment for contiguous and striped,
@@ -33,6 +35,7 @@ from dist_attn.kernels.positions import Positions
 from dist_attn.kernels.varlen import check_cu_seqlens  # kernels owns the cu_seqlens rules
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
+MASK_LAYOUTS = ("balanced",)  # need the mask they balance (``mask=``)
 
 
 class Segment(NamedTuple):
@@ -69,12 +72,16 @@ class PackedSegment(NamedTuple):
         return slice(self.start, self.start + self.length)
 
 
-def check_layout(layout):
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
+def check_layout(layout, mask=None):
+    """One of LAYOUTS, or of MASK_LAYOUTS when a mask is given."""
+    if layout in MASK_LAYOUTS and mask is None:
+        raise ValueError(f"layout={layout!r} assigns chunks for a mask: pass mask= (a dist_attn.masks.Mask)")
+    if layout not in LAYOUTS + MASK_LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS + MASK_LAYOUTS}; got {layout!r}")
 
 
 def chunks_per_rank(layout):
+    """Chunks of the sequence each rank holds under ``layout`` (one of LAYOUTS)."""
     check_layout(layout)
     return 2 if layout == "zigzag" else 1
 
@@ -85,9 +92,11 @@ def check_local_length(layout, local_len, name="local sequence length"):
         raise ValueError(f"{name} must be even for layout='zigzag' (two chunks per rank); got {local_len}")
 
 
-def segments(layout, rank, world_size, local_len):
-    """The segments of ``rank``'s local block of ``local_len`` tokens."""
-    check_layout(layout)
+def segments(layout, rank, world_size, local_len, mask=None):
+    """The segments of ``rank``'s local block of ``local_len`` tokens (``mask``: for layout="balanced")."""
+    check_layout(layout, mask)
+    if layout == "balanced":
+        return _balanced_segments(mask, rank, world_size, local_len)
     check_local_length(layout, local_len)
     if layout == "contiguous":
         return [Segment(0, local_len, rank * local_len, 1)]
@@ -95,6 +104,24 @@ def segments(layout, rank, world_size, local_len):
         return [Segment(0, local_len, rank, world_size)]
     half = local_len // 2
     return [Segment(0, half, rank * half, 1), Segment(half, half, (2 * world_size - 1 - rank) * half, 1)]
+
+
+def _balanced_segments(mask, rank, world_size, local_len):
+    """The rank's chunks of ``masks.dispatch_for(mask, world_size)``, adjacent chunks as one segment."""
+    from dist_attn.masks import dispatch_for  # masks builds on this module
+    if local_len * world_size != mask.seqlen:
+        raise ValueError(f"layout='balanced': {world_size} ranks of {local_len} tokens hold {local_len * world_size}, "
+                         f"but the mask covers {mask.seqlen}")
+    dispatch = dispatch_for(mask, world_size)
+    result, row = [], 0
+    for chunk in dispatch.chunks[rank]:
+        offset = chunk * dispatch.chunk_size
+        if result and result[-1].offset + result[-1].length == offset:
+            result[-1] = result[-1]._replace(length=result[-1].length + dispatch.chunk_size)
+        else:
+            result.append(Segment(row, dispatch.chunk_size, offset, 1))
+        row += dispatch.chunk_size
+    return result
 
 
 def padded_seqlens(bounds, layout, world_size):
@@ -153,20 +180,30 @@ def _bounds(cu_seqlens):
     return check_cu_seqlens("cu_seqlens", cu_seqlens, None)
 
 
-def global_positions(layout, rank, world_size, local_len=None, device=None, *, cu_seqlens=None):
+def _check_packed_layout(layout, cu_seqlens):
+    if cu_seqlens is not None and layout in MASK_LAYOUTS:
+        raise ValueError(f"layout={layout!r} does not take cu_seqlens: describe the documents in the mask "
+                         "(dist_attn.masks.documents) and pass mask=")
+
+
+def global_positions(layout, rank, world_size, local_len=None, device=None, *, cu_seqlens=None, mask=None):
     """1-D int64 tensor: the global position of every local row (for tests, RoPE, labels).
 
     With ``cu_seqlens`` (packed sequences): the position of each row inside its own sequence, padding
     rows included (they continue their sequence's positions); ``local_len`` is then not needed.
+    ``mask``: the mask of layout="balanced" (``local_len`` defaults to its length / world_size there).
     """
-    check_layout(layout)
+    check_layout(layout, mask)
+    _check_packed_layout(layout, cu_seqlens)
     _check_world(rank, world_size)
     if cu_seqlens is not None:
         return _packed_rows(layout, rank, world_size, _bounds(cu_seqlens))[1].to(device)
+    if local_len is None and mask is not None:
+        local_len = mask.seqlen // world_size
     if isinstance(local_len, bool) or not isinstance(local_len, int) or local_len < 0:
         raise ValueError(f"local_len must be an int >= 0 (or pass cu_seqlens); got {local_len!r}")
     return torch.cat([seg.offset + seg.stride * torch.arange(seg.length, device=device)
-                      for seg in segments(layout, rank, world_size, local_len)])
+                      for seg in segments(layout, rank, world_size, local_len, mask)])
 
 
 def _check_world(rank, world_size):
@@ -186,15 +223,17 @@ def _check_dim(dim, x, name):
     return dim % x.dim()
 
 
-def shard(x, layout="zigzag", rank=0, world_size=1, dim=None, *, cu_seqlens=None):
+def shard(x, layout="zigzag", rank=0, world_size=1, dim=None, *, cu_seqlens=None, mask=None):
     """This rank's part of the full sequence ``x`` along ``dim``: pure slicing, no communication.
 
     The sequence length must be a multiple of ``world_size`` (``2 * world_size`` for zigzag).
     Contiguous returns a view; zigzag and striped return a contiguous copy. ``dim`` defaults to 1
     (``(batch, seqlen, ...)``), or to 0 with ``cu_seqlens``: then ``x`` holds packed sequences along
     ``dim`` and each one is padded and split by the rule in the module docstring (no divisibility needed).
+    ``mask``: the ``dist_attn.masks.Mask`` that layout="balanced" balances (of x's sequence length).
     """
-    check_layout(layout)
+    check_layout(layout, mask)
+    _check_packed_layout(layout, cu_seqlens)
     _check_world(rank, world_size)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
@@ -209,6 +248,11 @@ def shard(x, layout="zigzag", rank=0, world_size=1, dim=None, *, cu_seqlens=None
         keep = (rows >= 0).to(x.device).view([-1 if d == dim else 1 for d in range(x.dim())])
         return torch.where(keep, local, torch.zeros_like(local))
     seqlen = x.shape[dim]
+    if layout in MASK_LAYOUTS:
+        if seqlen != mask.seqlen:
+            raise ValueError(f"sequence length (dim {dim} of x, {seqlen}) must equal the mask's ({mask.seqlen})")
+        return torch.cat([x.narrow(dim, seg.offset, seg.length)
+                          for seg in segments(layout, rank, world_size, seqlen // world_size, mask)], dim=dim)
     multiple = world_size * chunks_per_rank(layout)
     if seqlen % multiple:
         raise ValueError(f"sequence length (dim {dim} of x, {seqlen}) must be a multiple of {multiple} for "
@@ -221,15 +265,16 @@ def shard(x, layout="zigzag", rank=0, world_size=1, dim=None, *, cu_seqlens=None
                       for seg in segments(layout, rank, world_size, local_len)], dim=dim)
 
 
-def gather(x_local, layout="zigzag", group=None, dim=None, *, cu_seqlens=None):
+def gather(x_local, layout="zigzag", group=None, dim=None, *, cu_seqlens=None, mask=None):
     """The full sequence from every rank's local part (all-gather along ``dim``, then reorder).
 
     A collective: every rank of ``group`` must call it. Not differentiable. Without an initialised
     process group it is the identity (world size 1), except that packed sequences (``cu_seqlens``,
-    ``dim`` default 0) always lose their padding rows.
+    ``dim`` default 0) always lose their padding rows. ``mask``: that of layout="balanced".
     """
     group = as_group(group)
-    check_layout(layout)
+    check_layout(layout, mask)
+    _check_packed_layout(layout, cu_seqlens)
     if not isinstance(x_local, torch.Tensor):
         raise TypeError(f"x_local must be a torch.Tensor; got {type(x_local).__name__}")
     dim = _check_dim((1 if cu_seqlens is None else 0) if dim is None else dim, x_local, "x_local")
@@ -247,7 +292,7 @@ def gather(x_local, layout="zigzag", group=None, dim=None, *, cu_seqlens=None):
     local_len = x_local.shape[dim]
     pieces = {}
     for rank, part in enumerate(parts):
-        for seg in segments(layout, rank, world_size, local_len):
+        for seg in segments(layout, rank, world_size, local_len, mask):
             pieces[seg.offset] = part.narrow(dim, seg.start, seg.length)
     return torch.cat([pieces[offset] for offset in sorted(pieces)], dim=dim)
 

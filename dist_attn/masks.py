@@ -22,12 +22,16 @@ onto the least-loaded rank, as MagiAttention's dispatch solver does).
 
 from __future__ import annotations
 
+import functools
 import heapq
+import struct
+import zlib
 from typing import NamedTuple
 
 import torch
 
 from dist_attn.kernels.varlen import check_cu_seqlens
+from dist_attn.kernels.positions import PackedPair, Positions, visible_range
 from dist_attn.layouts import check_layout, chunks_per_rank, global_positions
 
 
@@ -99,6 +103,17 @@ class Mask:
 
     def __repr__(self):
         return f"Mask(seqlen={self.seqlen}, {len(self.slices)} slices)"
+
+    def __eq__(self, other):
+        return isinstance(other, Mask) and (self.seqlen, self.slices) == (other.seqlen, other.slices)
+
+    def __hash__(self):
+        return hash((self.seqlen, self.slices))
+
+    def checksum(self):
+        """crc32 of the length and every slice (None as -2**62): equal on ranks that hold equal masks."""
+        values = [self.seqlen] + [-(2 ** 62) if x is None else x for s in self.slices for x in s]
+        return zlib.crc32(struct.pack(f"<{len(values)}q", *values))
 
     def dense(self):
         """The (seqlen, seqlen) boolean matrix, True where the key (column) is visible from the query (row)."""
@@ -220,7 +235,9 @@ def rank_work(mask, layout, world_size):
     counts = mask.row_counts()
     if isinstance(layout, Dispatch):
         return [int(counts[layout.positions(r)].sum()) for r in range(world_size)]
-    check_layout(layout)
+    check_layout(layout, mask)
+    if layout == "balanced":
+        return rank_work(mask, dispatch_for(mask, world_size), world_size)
     if mask.seqlen % (world_size * chunks_per_rank(layout)):
         raise ValueError(f"seqlen {mask.seqlen} must be a multiple of {world_size * chunks_per_rank(layout)} for "
                          f"layout={layout!r} over {world_size} ranks")
@@ -263,3 +280,59 @@ def imbalance(work):
     """max / mean of per-rank work (1.0: perfectly balanced)."""
     mean = sum(work) / len(work)
     return max(work) / mean if mean else 1.0
+
+
+MIN_CHUNK = 16  # tokens: fewer make more kernel pairs than the balance is worth
+
+
+@functools.lru_cache(maxsize=64)
+def dispatch_for(mask, world_size):
+    """The ``Dispatch`` of ``layout="balanced"``: ``balanced_dispatch`` with the most chunks per rank, up to 16,
+    that split the sequence evenly into chunks of at least ``MIN_CHUNK`` tokens (1 if none does). The same on
+    every rank: a pure function of the mask and the world size."""
+    if not _is_int(world_size) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1; got {world_size!r}")
+    if mask.seqlen % world_size:
+        raise ValueError(f"layout='balanced' needs the sequence length ({mask.seqlen}) to be a multiple of the "
+                         f"world size ({world_size})")
+    per_rank = max([c for c in range(1, 17) if mask.seqlen % (world_size * c) == 0
+                    and mask.seqlen // (world_size * c) >= MIN_CHUNK] or [1])
+    return balanced_dispatch(mask, world_size, per_rank)
+
+
+# ------------------------------------------------------------------------------------ kernel pairs
+
+def _index_range(segment, lo, hi):
+    """Indices i of ``segment`` (positions offset + i * stride) with lo <= position < hi: [start, end)."""
+    start = max(0, -((segment.offset - lo) // segment.stride))
+    end = min(segment.length, -((segment.offset - hi) // segment.stride))
+    return start, end
+
+
+def _finite(side, span):
+    return span if side is None else min(side, span)
+
+
+def slice_pairs(mask, q_segments, k_segments, q_rows=0, k_rows=0):
+    """The kernel's ``PackedPair`` s of ``mask`` between local query rows and local key rows.
+
+    ``q_segments``, ``k_segments``: ``dist_attn.layouts.Segment`` s (local rows at global positions). Every
+    (slice, query segment, key segment) whose rectangle holds a visible pair becomes one pair, rows shifted by
+    ``q_rows`` / ``k_rows`` (a batch's rows in a packed view), with the slice's band made finite."""
+    pairs = []
+    for qs in q_segments:
+        for ks in k_segments:
+            for s in mask.slices:
+                q_lo, q_hi = _index_range(qs, s.q_start, s.q_end)
+                k_lo, k_hi = _index_range(ks, s.k_start, s.k_end)
+                if q_hi <= q_lo or k_hi <= k_lo:
+                    continue
+                qpos = Positions(qs.offset + q_lo * qs.stride, qs.stride, q_hi - q_lo)
+                kpos = Positions(ks.offset + k_lo * ks.stride, ks.stride, k_hi - k_lo)
+                span = max(qpos.last - kpos.first, kpos.last - qpos.first, 0) + 1
+                below, above = _finite(s.below, span), _finite(s.above, span)
+                start, end = visible_range(qpos.first, qpos.last, kpos, below, above)
+                if end > start:
+                    pairs.append(PackedPair(q_rows + qs.start + q_lo, qpos, k_rows + ks.start + k_lo, kpos,
+                                            below, above))
+    return pairs

@@ -19,7 +19,9 @@ Two variations of the schedule, same results: with a sliding window only the blo
 travel (``ring_plan``: some hops forward, some backward); across nodes the hierarchical ring
 (``_hierarchical_ring``, nodes from ``dist_attn.topology``) circulates blocks inside each node and moves
 them between nodes once per g steps. Packed sequences (``cu_seqlens``) use the same schedule with
-``PackedSegment`` s and the kernel's varlen entry points.
+``PackedSegment`` s and the kernel's varlen entry points. A ``mask`` (``dist_attn.masks``) turns each step
+into the pieces of its slices between the two ranks' rows (``masks.slice_pairs``), run in one launch per
+kernel (``flash_attn_pairs_forward``); the plan then sends only the blocks some rank's pieces need.
 
     torchrun --nproc_per_node 4 your_script.py   # inside: out = ring_attention(q_local, k_local, v_local)
 """
@@ -39,12 +41,14 @@ from dist_attn.kernels import (flash_attn_backward, flash_attn_forward, flash_at
 from dist_attn.kernels.merge import add_sinks_, sinks_grad
 from dist_attn.kernels.positions import mask_band, visible_range
 from dist_attn.kernels.validation import check_causal, check_qkv, check_scale, check_sinks, check_softcap, check_window
-from dist_attn.kernels.varlen import check_cu_seqlens, check_packed, packed_pairs
+from dist_attn.kernels.varlen import (check_cu_seqlens, check_packed, flash_attn_pairs_backward,
+                                     flash_attn_pairs_forward, packed_pairs)
 
 from .checkpointing import active_cache
 from .comm import RingComm, as_group
-from .layouts import (LAYOUTS, PackedSegment, check_layout, check_local_length, packed_local_length,
+from .layouts import (LAYOUTS, MASK_LAYOUTS, PackedSegment, check_layout, check_local_length, packed_local_length,
                       packed_segments, segments)
+from .masks import Mask, slice_pairs
 from .topology import ENV_LOCAL_WORLD_SIZE, TOPOLOGIES, check_topology, resolve
 
 
@@ -71,6 +75,16 @@ def visible_pairs(layout, rank, source, world_size, local_len, causal, window, b
             for q_seg in _segments(layout, rank, world_size, local_len, bounds)
             for k_seg in _segments(layout, source, world_size, local_len, bounds)
             if _visible(q_seg, k_seg, causal, window)]
+
+
+@functools.lru_cache(maxsize=1024)
+def mask_pairs(mask, layout, rank, source, world_size, local_len, batch=1):
+    """The kernel pairs (``PackedPair`` s) of one ring step under ``mask``: rank's query rows against source's
+    key rows, batch after batch in a packed (batch * local_len) view."""
+    pairs = slice_pairs(mask, segments(layout, rank, world_size, local_len, mask),
+                        segments(layout, source, world_size, local_len, mask))
+    return tuple(p._replace(q_start=p.q_start + b * local_len, k_start=p.k_start + b * local_len)
+                 for b in range(batch) for p in pairs)
 
 
 def _split(kv, headdim):
@@ -118,23 +132,27 @@ def _world(group):
 
 
 @functools.lru_cache(maxsize=256)
-def ring_plan(layout, world_size, local_len, causal, window, bounds=None):
+def ring_plan(layout, world_size, local_len, causal, window, bounds=None, mask=None):
     """``(forward_hops, backward_hops)``: how far K/V travel each way around the ring.
 
     A full ring sends every block w - 1 hops forward. When a window keeps every query near its own
     position, most blocks are needed by no rank: the block of rank r - d is needed only if
     ``visible_pairs`` of some rank at source distance d is non-empty. Distances 1..a then travel
     forward and w-b..w-1 backward (the zigzag's second chunk needs the *next* rank's block), with
-    a + b as small as possible; blocks nobody needs are never sent.
+    a + b as small as possible; blocks nobody needs are never sent. A ``mask`` decides the same way, from
+    its pieces (``mask_pairs``); causal and window are then unused.
     """
     if world_size == 1:
         return 0, 0
-    if window is None and bounds is None:  # every distance is needed by some rank (the last one, causal)
+    if window is None and bounds is None and mask is None:  # every distance is needed (the last rank, causal)
         return world_size - 1, 0
     tuple_window = None if window is None else tuple(window)
-    needed = [d for d in range(1, world_size)
-              if any(visible_pairs(layout, r, (r - d) % world_size, world_size, local_len, causal, tuple_window, bounds)
-                     for r in range(world_size))]
+
+    def needs(rank, source):
+        if mask is not None:
+            return bool(mask_pairs(mask, layout, rank, source, world_size, local_len))
+        return bool(visible_pairs(layout, rank, source, world_size, local_len, causal, tuple_window, bounds))
+    needed = [d for d in range(1, world_size) if any(needs(r, (r - d) % world_size) for r in range(world_size))]
     if not needed:
         return 0, 0
     best = (needed[-1], 0)
@@ -270,14 +288,42 @@ _TAG_NAMES = {0: "forward K/V ring", 3: "forward reverse K/V ring", 6: "forward 
               11: "backward intra-node dK/dV ring"}
 
 
-def _ring_forward(q, k, v, sinks, causal, scale, layout, group, window, softcap, backend, bounds, plan, nodes):
+def _packed(x):
+    """(batch, seqlen, heads, dim) -> (batch * seqlen, heads, dim), the view the pair kernels take."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _accumulators(q, v, mask):
+    """Zero float32 out (batch, seqlen, nheads, headdim_v) and -inf lse (batch, nheads, seqlen). For a mask, views
+    of packed (batch * seqlen, nheads, headdim_v) and (nheads, batch * seqlen) tensors, which the pair kernels take
+    (``_packed_lse`` gives that lse back)."""
+    batch, local_len, nheads, _ = q.shape
+    if mask is None:
+        out = torch.zeros(q.shape[:3] + v.shape[3:], dtype=torch.float32, device=q.device)
+        return out, torch.full((batch, nheads, local_len), float("-inf"), device=q.device)
+    out = torch.zeros((batch * local_len, nheads, v.shape[3]), dtype=torch.float32, device=q.device)
+    lse = torch.full((nheads, batch * local_len), float("-inf"), device=q.device)
+    return out.view(q.shape[:3] + v.shape[3:]), lse.view(nheads, batch, local_len).permute(1, 0, 2)
+
+
+def _packed_lse(lse):
+    """The (nheads, batch * seqlen) tensor under an lse view of ``_accumulators``."""
+    return lse.permute(1, 0, 2).reshape(lse.shape[1], -1)
+
+
+def _ring_forward(q, k, v, sinks, causal, scale, layout, group, window, softcap, backend, bounds, plan, nodes, mask):
     """The forward ring: (out in q's dtype, float32 LSE (batch, nheads, local_len)), sinks included."""
     rank, world_size = _world(group)
-    local_len = q.shape[1]
-    out = torch.zeros(q.shape[:3] + v.shape[3:], dtype=torch.float32, device=q.device)
-    lse = torch.full((q.shape[0], q.shape[2], local_len), float("-inf"), device=q.device)
+    batch, local_len = q.shape[:2]
+    out, lse = _accumulators(q, v, mask)
 
     def visit(kv, source):
+        if mask is not None:
+            pairs = mask_pairs(mask, layout, rank, source, world_size, local_len, batch)
+            k_packed, v_packed = _split(_packed(kv), q.shape[-1])
+            flash_attn_pairs_forward(_packed(q), k_packed, v_packed, scale, pairs, _packed(out), _packed_lse(lse),
+                                     softcap=softcap, backend=backend)
+            return
         for q_seg, k_seg in visible_pairs(layout, rank, source, world_size, local_len, causal, window, bounds):
             _block_forward(q, kv, q_seg, k_seg, scale, causal, window, softcap, backend, out, lse)
 
@@ -290,29 +336,37 @@ def _ring_forward(q, k, v, sinks, causal, scale, layout, group, window, softcap,
 
 class RingAttnFunc(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sinks, causal, scale, layout, group, window, softcap, backend, bounds, plan, nodes):
+    def forward(ctx, q, k, v, sinks, causal, scale, layout, group, window, softcap, backend, bounds, plan, nodes,
+                mask):
         cache = active_cache()  # inside dist_attn.checkpoint: the recompute replays the forward's out and LSE
         if cache is not None and cache.replaying:
             out, lse = cache.replay(q.shape[:3] + v.shape[3:])
         else:
             out, lse = _ring_forward(q, k, v, sinks, causal, scale, layout, group, window, softcap, backend, bounds,
-                                     plan, nodes)
+                                     plan, nodes, mask)
             if cache is not None:
                 cache.record(out, lse)
         ctx.save_for_backward(q, k, v, sinks, out, lse)
-        ctx.args = (causal, scale, layout, group, window, softcap, backend, bounds, plan, nodes)
+        ctx.args = (causal, scale, layout, group, window, softcap, backend, bounds, plan, nodes, mask)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, sinks, out, lse = ctx.saved_tensors
-        causal, scale, layout, group, window, softcap, backend, bounds, plan, nodes = ctx.args
+        causal, scale, layout, group, window, softcap, backend, bounds, plan, nodes, mask = ctx.args
         rank, world_size = _world(group)
-        local_len = q.shape[1]
+        batch, local_len = q.shape[:2]
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
 
         def visit(kv, source):
             dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
+            if mask is not None:
+                pairs = mask_pairs(mask, layout, rank, source, world_size, local_len, batch)
+                headdim = q.shape[-1]
+                flash_attn_pairs_backward(_packed(dout), _packed(q), *_split(_packed(kv), headdim), _packed(out),
+                                          _packed_lse(lse), scale, pairs, _packed(dq), *_split(_packed(dkv), headdim),
+                                          softcap=softcap, backend=backend)
+                return dkv
             for q_seg, k_seg in visible_pairs(layout, rank, source, world_size, local_len, causal, window, bounds):
                 _block_backward(dout, q, kv, out, lse, q_seg, k_seg, scale, causal, window, softcap, backend, dq,
                                 dkv)
@@ -321,13 +375,13 @@ class RingAttnFunc(torch.autograd.Function):
         dkv = _run_ring(group, torch.cat((k, v), dim=-1), nodes, plan, visit, _BACKWARD_TAGS)
         dk, dv = _split(dkv, q.shape[-1])
         dsinks = None if sinks is None else sinks_grad(sinks, lse, out, dout)
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks) + (None,) * 10
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks) + (None,) * 11
 
 
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 _METADATA_FIELDS = ("batch", "local seqlen", "nheads", "nheads_kv", "headdim_qk", "headdim_v", "dtype", "layout",
                     "causal", "window left", "window right", "softmax_scale", "softcap", "sinks checksum",
-                    "cu_seqlens checksum", "topology", ENV_LOCAL_WORLD_SIZE)
+                    "cu_seqlens checksum", "mask checksum", "topology", ENV_LOCAL_WORLD_SIZE)
 
 
 def _local_size_setting():
@@ -343,15 +397,17 @@ def _bits(number):
     return -1 if number is None else struct.unpack("<q", struct.pack("<d", number))[0]
 
 
-def _check_peers(q, k, v, sinks, causal, scale, layout, window, softcap, group, bounds, topology):
+def _check_peers(q, k, v, sinks, causal, scale, layout, window, softcap, group, bounds, mask, topology):
     """One all-gather of every rank's metadata: a mismatch raises the same ValueError on all ranks
     instead of a hang or a silently wrong result."""
     left, right = window if window is not None else (None, None)
     checksum = -1 if bounds is None else zlib.crc32(struct.pack(f"<{len(bounds)}q", *bounds))
     sinks_checksum = -1 if sinks is None else zlib.crc32(sinks.detach().float().cpu().numpy().tobytes())
     mine = [q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3], _DTYPE_CODES[q.dtype],
-            LAYOUTS.index(layout), int(causal), -1 if left is None else left, -1 if right is None else right,
-            _bits(scale), _bits(softcap), sinks_checksum, checksum, TOPOLOGIES.index(topology),
+            (LAYOUTS + MASK_LAYOUTS).index(layout), int(causal), -1 if left is None else left,
+            -1 if right is None else right,
+            _bits(scale), _bits(softcap), sinks_checksum, checksum, -1 if mask is None else mask.checksum(),
+            TOPOLOGIES.index(topology),
             _local_size_setting()]
     local = torch.tensor(mine, dtype=torch.int64, device=q.device)
     everyone = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
@@ -368,11 +424,25 @@ def _check_peers(q, k, v, sinks, causal, scale, layout, window, softcap, group, 
         rows = {name: table[:, _METADATA_FIELDS.index(name)].tolist() for name in differing}
         raise ValueError(f"ring_attention inputs differ across ranks (values per rank, softmax_scale as raw bits): "
                          f"{rows}; every rank must pass the same shapes, dtype, layout, causal, window, scale, "
-                         f"softcap, sinks, cu_seqlens and topology, and see the same {ENV_LOCAL_WORLD_SIZE}")
+                         f"softcap, sinks, cu_seqlens, mask and topology, and see the same {ENV_LOCAL_WORLD_SIZE}")
+
+
+def _check_mask_args(mask, causal, window, cu_seqlens):
+    """A mask says which pairs are visible by itself: causal, window and cu_seqlens would say it twice."""
+    if mask is None:
+        return
+    if not isinstance(mask, Mask):
+        raise TypeError(f"mask must be a dist_attn.masks.Mask; got {type(mask).__name__}")
+    given = [name for name, value in (("causal", causal is not False), ("window", window is not None),
+                                      ("cu_seqlens", cu_seqlens is not None)) if value]
+    if given:
+        raise ValueError(f"mask= describes every visible pair: do not also pass {', '.join(given)} "
+                         f"(build them into the mask: dist_attn.masks.causal, window, documents)")
 
 
 def ring_attention(q, k, v, causal=False, softmax_scale=None, layout="zigzag", group=None, window=None, *,
-                   softcap=None, sinks=None, cu_seqlens=None, topology="auto", backend=None, check_peers=True):
+                   softcap=None, sinks=None, cu_seqlens=None, mask=None, topology="auto", backend=None,
+                   check_peers=True):
     """Exact attention over a sequence sharded across ``group`` (SPMD: every rank calls it). Differentiable.
 
     q: (batch, local_seqlen, nheads, headdim); k: (batch, local_seqlen, nheads_kv, headdim), v: (batch,
@@ -391,6 +461,12 @@ def ring_attention(q, k, v, causal=False, softmax_scale=None, layout="zigzag", g
     gives them (each sequence padded to a multiple of w, 2w for zigzag; see ``dist_attn.layouts``).
     No token attends to another sequence; padded rows give output 0 and get zero gradients.
 
+    ``mask``: a ``dist_attn.masks.Mask`` over the global sequence (documents, prefix-LM, shared prompt,
+    block-sparse, or your own slices), in place of ``causal``/``window``/``cu_seqlens``. Any layout works;
+    ``layout="balanced"`` places chunks so that every rank's queries see about as many keys (``shard(x,
+    "balanced", rank, world_size, mask=mask)`` gives the local part). Each step launches only the pieces of
+    slices the two ranks' rows share, and blocks no rank needs are not sent. Rows that see no key give 0.
+
     ``topology``: "flat" (one ring over the group), "hierarchical" (K/V circulate on each node's fast
     ring while the next node's blocks arrive over the slow link; see ``dist_attn.topology`` for how nodes
     are found) or "auto" (hierarchical across several multi-rank nodes when every block must travel,
@@ -401,7 +477,8 @@ def ring_attention(q, k, v, causal=False, softmax_scale=None, layout="zigzag", g
     Without an initialised process group it runs as a world of one.
     """
     group = as_group(group)
-    check_layout(layout)
+    _check_mask_args(mask, causal, window, cu_seqlens)
+    check_layout(layout, mask)
     check_topology(topology)
     if not isinstance(check_peers, bool):
         raise TypeError(f"check_peers must be a bool; got {type(check_peers).__name__}")
@@ -425,12 +502,15 @@ def ring_attention(q, k, v, causal=False, softmax_scale=None, layout="zigzag", g
     if k.shape[1] != local_len:
         raise ValueError(f"q and k must hold the same tokens (one sharded sequence): local seqlen of q is "
                          f"{local_len}, of k {k.shape[1]}")
-    if bounds is None:
+    if bounds is None and layout not in MASK_LAYOUTS:
         check_local_length(layout, local_len)
+    if mask is not None and local_len * world_size != mask.seqlen:
+        raise ValueError(f"mask covers {mask.seqlen} tokens, but {world_size} ranks of local seqlen {local_len} hold "
+                         f"{local_len * world_size}: pass the shard() of a sequence of the mask's length")
     if world_size > 1 and check_peers:
-        _check_peers(q, k, v, sinks, causal, scale, layout, window, softcap, group, bounds, topology)
-    plan = ring_plan(layout, world_size, local_len, causal, window, bounds)
+        _check_peers(q, k, v, sinks, causal, scale, layout, window, softcap, group, bounds, mask, topology)
+    plan = ring_plan(layout, world_size, local_len, causal, window, bounds, mask)
     nodes = resolve(topology, group, full_ring=plan == (world_size - 1, 0)) if world_size > 1 else None
     out = RingAttnFunc.apply(q, k, v, sinks, causal, scale, layout, group, window, softcap, backend, bounds, plan,
-                             nodes)
+                             nodes, mask)
     return out if bounds is None else out[0]
