@@ -7,49 +7,8 @@ import pytest
 import torch
 
 from dist_attn import masks
-
-
-def grid(n):
-    return torch.arange(n)[:, None], torch.arange(n)[None, :]  # query positions (rows), key positions (columns)
-
-
-def doc_ids(bounds):
-    return torch.repeat_interleave(torch.arange(len(bounds) - 1), torch.tensor(bounds).diff())
-
-
-def expected_documents(bounds, causal, window):
-    qp, kp = grid(bounds[-1])
-    ids = doc_ids(bounds)
-    visible = ids[:, None] == ids[None, :]
-    if causal:
-        visible &= kp <= qp
-    if window is not None:
-        left, right = window
-        visible &= kp >= qp - left if left is not None else True
-        visible &= kp <= qp + right if right is not None else True
-    return visible
-
-
-def expected_prefix_lm(prefix_lens, bounds):
-    qp, kp = grid(bounds[-1])
-    ids = doc_ids(bounds)
-    starts = torch.tensor(bounds[:-1])[ids]
-    in_prefix = torch.arange(bounds[-1]) - starts < torch.tensor(prefix_lens)[ids]
-    same = ids[:, None] == ids[None, :]
-    return same & ((kp <= qp) | (in_prefix[:, None] & in_prefix[None, :]))
-
-
-def expected_shared_prompt(prompt, responses):
-    n = prompt + sum(responses)
-    qp, kp = grid(n)
-    owner = torch.cat([torch.full((prompt,), -1), *(torch.full((r,), i) for i, r in enumerate(responses))])
-    prompt_rows = owner[:, None] < 0
-    return torch.where(prompt_rows, kp <= qp, (owner[None, :] < 0) | ((owner[:, None] == owner[None, :]) & (kp <= qp)))
-
-
-def expected_block_sparse(block_mask, block_size, n):
-    qp, kp = grid(n)
-    return block_mask[qp // block_size, kp // block_size]
+from mask_checks import (expected_block_sparse, expected_documents, expected_prefix_lm, expected_shared_prompt,
+                         grid)
 
 
 BLOCKS = torch.tensor([[1, 0, 0, 1], [1, 1, 0, 0], [0, 1, 1, 1], [1, 0, 1, 1]], dtype=torch.bool)
