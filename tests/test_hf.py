@@ -120,6 +120,45 @@ def run_case(rank, kind, layout):
     }
 
 
+def make_mask(name):
+    """(dist_attn mask, its boolean matrix written out independently) over SEQLEN tokens."""
+    from mask_checks import expected_prefix_lm, expected_shared_prompt
+
+    from dist_attn import masks
+
+    if name == "prefix_lm":  # two documents in a row, prefixes of 7 and 10 tokens
+        return masks.prefix_lm([7, 10], [0, 20, SEQLEN]), expected_prefix_lm([7, 10], [0, 20, SEQLEN])
+    return masks.shared_prompt(12, [20, 16]), expected_shared_prompt(12, [20, 16])
+
+
+def run_mask_case(rank, mask_name, layout):
+    """SP forward/backward of Llama with a mask (``shard_inputs(..., mask=)``); rank 0 compares with the one-process
+    eager model given the mask's boolean matrix as a 4-D additive attention mask."""
+    from dist_attn.integrations import hf
+
+    name = hf.register(layout=layout)
+    ref, sp = make_models("llama", name)
+    ids, labels = make_data(mask_name)
+    mask, visible = make_mask(mask_name)
+    batch = hf.shard_inputs(ids, labels=labels, layout=layout, mask=mask)
+    out = sp(**batch, use_cache=False)
+    out.loss.backward()
+    hf.all_reduce_gradients(sp)
+    logits = hf.gather_logits(out.logits.detach(), layout=layout, mask=mask)
+    loss = hf.reduce_loss(out.loss)
+    if rank != 0:
+        return None
+    additive = torch.zeros(BATCH, 1, SEQLEN, SEQLEN).masked_fill(~visible, torch.finfo(torch.float32).min)
+    ref_out = ref(input_ids=ids, labels=labels, attention_mask=additive, use_cache=False)
+    ref_out.loss.backward()
+    ref_norms = {n: p.grad.norm() for n, p in ref.named_parameters()}
+    return {"logits": rel_error(logits, ref_out.logits.detach()), "loss": rel_error(loss, ref_out.loss.detach()),
+            "grads": max(rel_error(p.grad, dict(ref.named_parameters())[n].grad) for n, p in sp.named_parameters()),
+            "grad_norms": max(rel_error(p.grad.norm(), ref_norms[n]) for n, p in sp.named_parameters()),
+            # the mask matters: the causal model's logits differ
+            "causal_logits": rel_error(logits, ref(input_ids=ids, use_cache=False).logits.detach())}
+
+
 def make_packed_data(kind):
     """One packed row of DOC_LENS documents: ids, labels (some -100, one at a document border), cu_seqlens."""
     gen = torch.Generator().manual_seed(7 + len(kind))
@@ -206,6 +245,22 @@ def run_bad_inputs(rank, world_size):
         "sdpa_under_context_parallel": error_of(lambda: sdpa_model_under_context_parallel(
             hf.shard_inputs(ids, layout="striped"), "striped")),
         **run_bad_packed_inputs(sp),
+        **run_bad_mask_inputs(ids),
+    }
+
+
+def run_bad_mask_inputs(ids):
+    from dist_attn.integrations import hf
+
+    mask, _ = make_mask("prefix_lm")
+    name = hf.register("dist_attn_masked_sliding", layout="zigzag")
+    _, sliding = make_models("qwen2_sliding", name)
+    cu_seqlens = torch.tensor([0, SEQLEN], dtype=torch.int32)
+    return {
+        "mask_sliding": error_of(lambda: sliding(**hf.shard_inputs(ids, mask=mask), use_cache=False)),
+        "mask_and_cu_seqlens": error_of(lambda: hf.shard_inputs(ids[:1], mask=mask, cu_seqlens=cu_seqlens)),
+        "mask_length": error_of(lambda: hf.shard_inputs(ids[:, :SEQLEN - 4], mask=mask)),
+        "balanced_without_mask": error_of(lambda: hf.shard_inputs(ids, layout="balanced")),
     }
 
 
@@ -267,6 +322,7 @@ def run_everything(rank, world_size, cases):
     results = {"cases": {f"{kind}-{layout}": run_case(rank, kind, layout) for kind, layout in cases}}
     results["packed"] = {f"{kind}-{layout}": run_packed_case(rank, kind, layout)
                          for kind, layout in packed_cases(world_size)}
+    results["masks"] = {f"{name}-{layout}": run_mask_case(rank, name, layout) for name, layout in mask_cases(world_size)}
     results["bad"] = run_bad_inputs(rank, world_size)
     results["sdpa_contiguous"] = run_sdpa_contiguous(rank)
     hf.register()  # back to the defaults for the example (idempotent)
@@ -289,6 +345,12 @@ def packed_cases(world_size):
     if world_size == 2:
         return [("llama", "zigzag"), ("qwen2_sliding", "zigzag"), ("llama", "striped")] + FEATURE_CASES
     return [("llama", "zigzag"), ("qwen2_sliding", "zigzag")] + FEATURE_CASES
+
+
+def mask_cases(world_size):
+    if world_size == 2:
+        return [("prefix_lm", "balanced"), ("prefix_lm", "zigzag"), ("shared_prompt", "balanced")]
+    return [("prefix_lm", "balanced"), ("shared_prompt", "striped")]
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
@@ -330,6 +392,16 @@ def test_packed_sp_model_matches_one_process_per_document(world):
         assert max(err["logits"], err["loss"], err["own_loss"], err["grads"]) <= TOL, (case, err)
 
 
+def test_masked_sp_model_matches_one_process_eager_with_the_mask(world):
+    """Prefix-LM and shared-prompt masks through ``shard_inputs(..., mask=)``, balanced and plain layouts."""
+    world_size, results = world
+    errors = results[0]["masks"]
+    assert set(errors) == {f"{name}-{layout}" for name, layout in mask_cases(world_size)}
+    for case, err in errors.items():
+        assert max(err["logits"], err["loss"], err["grads"], err["grad_norms"]) <= TOL, (case, err)
+        assert err["causal_logits"] > 100 * TOL, (case, err)
+
+
 def test_bad_inputs_raise_clear_errors(world):
     world_size, results = world
     for rank, result in enumerate(results):
@@ -351,6 +423,10 @@ def test_bad_inputs_raise_clear_errors(world):
         assert "dist_attn_cu_seqlens" in bad["packed_no_cu"], bad
         assert "one packed row" in bad["packed_batch"] and "one packed row" in bad["packed_total"], bad
         assert "restart at 0" in bad["packed_positions"], bad
+        assert "sliding-window layer" in bad["mask_sliding"] and "build the window into the mask" in bad["mask_sliding"]
+        assert "pass cu_seqlens or mask, not both" in bad["mask_and_cu_seqlens"], bad
+        assert f"must be (batch, {SEQLEN}), the mask's length" in bad["mask_length"], bad
+        assert "pass mask=" in bad["balanced_without_mask"], bad
 
 
 def test_hf_sdpa_under_context_parallel_matches_eager_with_the_contiguous_layout(world):

@@ -33,6 +33,13 @@ the model forwards untouched through ``**kwargs`` to every attention call (``Tra
 it selects ``ring_attention(..., cu_seqlens=...)``. No token attends to another document. HF's own
 flash-attention kwargs ``cu_seq_lens_q`` ... (the unsharded packing of one process) are refused.
 
+**Masks.** Prefix-LM (a bidirectional prefix, e.g. an image or a prompt, then causal text), shared-prompt,
+block-sparse or your own ``dist_attn.masks.Mask`` over each row of the batch: pass it to ``shard_inputs(...,
+mask=mask)``. The dict then carries it as ``dist_attn_mask`` to every attention call, which runs
+``ring_attention(..., mask=mask)`` in place of the model's causal mask; register with ``layout="balanced"`` to
+place the chunks by the mask's work. ``position_ids`` are yours to choose there (default 0..seqlen-1, sharded like
+the tokens) and are not checked; sliding-window layers are refused (build the window into the mask).
+
 **Configuration.** ``register(name, layout, group, backend)`` binds the layout and process group to the
 name; calling it again with the same name rebinds them (idempotent for the same arguments). Different
 names can carry different groups. Importing this module does not import transformers; ``register``
@@ -78,13 +85,15 @@ import torch
 import torch.distributed as dist
 
 from dist_attn.comm import as_group
-from dist_attn.layouts import chunks_per_rank, check_layout, gather, global_positions, shard
+from dist_attn.layouts import MASK_LAYOUTS, chunks_per_rank, check_layout, gather, global_positions, shard
+from dist_attn.masks import Mask
 from dist_attn.ring import _world, ring_attention
 
 DEFAULT_NAME = "dist_attn_ring"
 IGNORE_INDEX = -100
 _CONFIGS: dict[str, dict] = {}  # name -> {"layout", "group", "backend"}
 CU_SEQLENS_KWARG = "dist_attn_cu_seqlens"  # the model kwarg carrying the GLOBAL packing to the attention calls
+MASK_KWARG = "dist_attn_mask"  # the model kwarg carrying a dist_attn.masks.Mask to the attention calls
 _UNSUPPORTED_KWARGS = ("position_bias",)
 _SINK_KWARGS = ("s_aux", "sinks")  # gpt-oss passes its module's sinks as s_aux
 _HF_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
@@ -106,7 +115,8 @@ def register(name: str = DEFAULT_NAME, layout: str = "zigzag", group=None, backe
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    check_layout(layout)
+    if layout not in MASK_LAYOUTS:  # "balanced" needs the mask each batch brings (shard_inputs(..., mask=))
+        check_layout(layout)
     if not isinstance(name, str) or not name or "flash" in name or name in ("eager", "sdpa", "flex_attention"):
         raise ValueError(f"name must be a new attn_implementation name (not eager/sdpa/flash*/flex); got {name!r}")
     _CONFIGS[name] = {"layout": layout, "group": as_group(group), "backend": backend}
@@ -180,7 +190,9 @@ def _ring_attention_forward(name, module, query, key, value, attention_mask, sca
     sinks = [kwargs[k] for k in _SINK_KWARGS if kwargs.get(k) is not None]
     if len(sinks) > 1:
         raise ValueError(f"dist_attn ring attention got attention sinks twice ({_SINK_KWARGS}); pass one")
-    cu_seqlens = kwargs.get(CU_SEQLENS_KWARG)
+    cu_seqlens, mask = kwargs.get(CU_SEQLENS_KWARG), kwargs.get(MASK_KWARG)
+    if mask is not None:
+        return _masked_attention(config, module, query, key, value, scaling, mask, cu_seqlens, sinks, **kwargs), None
     if cu_seqlens is not None and query.shape[0] != 1:
         raise ValueError(f"packed sequences ({CU_SEQLENS_KWARG}) need a batch of one packed row; got batch "
                          f"{query.shape[0]}")
@@ -207,6 +219,20 @@ def _ring_attention_forward(name, module, query, key, value, attention_mask, sca
     return (out if cu_seqlens is None else out[None]), None
 
 
+def _masked_attention(config, module, query, key, value, scaling, mask, cu_seqlens, sinks, **kwargs):
+    """The attention call under a ``MASK_KWARG`` mask: (B, S_local, H, D_v)."""
+    if cu_seqlens is not None:
+        raise ValueError(f"got both {MASK_KWARG} and {CU_SEQLENS_KWARG}: describe the documents in the mask "
+                         "(dist_attn.masks.documents, prefix_lm) and pass only mask= to shard_inputs")
+    if kwargs.get("sliding_window") is not None:
+        raise ValueError(f"layer {getattr(module, 'layer_idx', '?')} is a sliding-window layer and got a "
+                         f"{MASK_KWARG}: build the window into the mask (dist_attn.masks.window, documents(window=))")
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (B, S, H, D)
+    return ring_attention(q, k, v, softmax_scale=scaling, layout=config["layout"], group=config["group"],
+                          softcap=kwargs.get("softcap"), sinks=sinks[0] if sinks else None, mask=mask,
+                          backend=config["backend"])
+
+
 def _check_seqlen(name, x, layout, world_size):
     multiple = world_size * chunks_per_rank(layout)
     if x.dim() != 2:
@@ -223,7 +249,7 @@ def shift_labels(labels, ignore_index=IGNORE_INDEX):
 
 
 def shard_inputs(input_ids, labels=None, position_ids=None, layout="zigzag", group=None,
-                 ignore_index=IGNORE_INDEX, cu_seqlens=None) -> dict:
+                 ignore_index=IGNORE_INDEX, cu_seqlens=None, mask=None) -> dict:
     """This rank's part of a batch of full sequences, ready for ``model(**batch)``.
 
     input_ids, labels: (batch, seqlen) full sequences (identical on every rank of ``group``); seqlen a multiple of
@@ -240,18 +266,30 @@ def shard_inputs(input_ids, labels=None, position_ids=None, layout="zigzag", gro
     the positions of the local rows inside their documents; labels are shifted within each document (its last
     token gets ``ignore_index``) and padding rows get ``ignore_index``. The dict also carries
     ``dist_attn_cu_seqlens`` (``cu_seqlens`` on the CPU), which the model forwards to the attention calls.
+
+    ``mask``: a ``dist_attn.masks.Mask`` over every row (length seqlen), which the attention then uses in place
+    of the causal mask (carried as ``dist_attn_mask``); with it ``layout`` may be "balanced".
     """
     rank, world_size = _world(as_group(group))
-    check_layout(layout)
+    if mask is not None and not isinstance(mask, Mask):
+        raise TypeError(f"mask must be a dist_attn.masks.Mask; got {type(mask).__name__}")
+    check_layout(layout, mask)
     if cu_seqlens is not None:
+        if mask is not None:
+            raise ValueError("pass cu_seqlens or mask, not both (dist_attn.masks.documents describes packed "
+                             "documents as a mask)")
         return _shard_packed(input_ids, labels, position_ids, layout, rank, world_size, ignore_index, cu_seqlens)
-    _check_seqlen("input_ids", input_ids, layout, world_size)
+    if mask is not None:
+        if input_ids.dim() != 2 or input_ids.shape[1] != mask.seqlen:
+            raise ValueError(f"input_ids must be (batch, {mask.seqlen}), the mask's length; got {tuple(input_ids.shape)}")
+    if layout not in MASK_LAYOUTS:
+        _check_seqlen("input_ids", input_ids, layout, world_size)
     seqlen = input_ids.shape[1]
-    local = lambda x: shard(x, layout, rank, world_size, dim=1)  # noqa: E731
+    local = lambda x: shard(x, layout, rank, world_size, dim=1, mask=mask)  # noqa: E731
     out = {"input_ids": local(input_ids)}
     if position_ids is None:
         out["position_ids"] = global_positions(layout, rank, world_size, seqlen // world_size,
-                                               device=input_ids.device)[None]
+                                               device=input_ids.device, mask=mask)[None]
     else:
         if position_ids.dim() != 2 or position_ids.shape[1] != seqlen:
             raise ValueError(f"position_ids must be (batch or 1, {seqlen}) like input_ids; got {tuple(position_ids.shape)}")
@@ -262,6 +300,8 @@ def shard_inputs(input_ids, labels=None, position_ids=None, layout="zigzag", gro
         shifted = shift_labels(labels, ignore_index)
         out["labels"] = out["shift_labels"] = local(shifted)
         out["num_items_in_batch"] = (shifted != ignore_index).sum()
+    if mask is not None:
+        out[MASK_KWARG] = mask
     return out
 
 
@@ -386,8 +426,8 @@ def all_reduce_gradients(model, group=None):
             offset += g.numel()
 
 
-def gather_logits(local_logits, layout="zigzag", group=None, cu_seqlens=None):
+def gather_logits(local_logits, layout="zigzag", group=None, cu_seqlens=None, mask=None):
     """The logits of the full sequence, (batch, seqlen, vocab), on every rank (``dist_attn.gather`` along dim 1;
     a collective, not differentiable). With ``cu_seqlens`` (packed sequences, as given to ``shard_inputs``):
-    (1, total, vocab), the padding rows dropped."""
-    return gather(local_logits, layout, group, dim=1, cu_seqlens=cu_seqlens)
+    (1, total, vocab), the padding rows dropped. ``mask``: the one given to ``shard_inputs`` (layout="balanced")."""
+    return gather(local_logits, layout, group, dim=1, cu_seqlens=cu_seqlens, mask=mask)
