@@ -32,15 +32,18 @@ the tiles), for MLA. Logit softcapping (``SOFTCAP``, Gemma 2): scores become c t
 kernels compute tanh(s * softcap_in) and fold c into qk_scale, and the backward scales dS by 1 - tanh^2.
 Attention sinks need no kernel: they enter the final LSE once (``merge.add_sinks_``).
 
-Packed variable-length sequences (``forward_varlen`` / ``backward_varlen``): the same kernels with
-``VARLEN=True`` run every sequence of a call in one launch per kernel, each program reading its
-sequence's rows, positions and band from a small int32 table (see ``_load_pair``).
+Packed variable-length sequences and masks (``forward_varlen`` / ``backward_varlen``): the same kernels with
+``VARLEN=True`` run every (query rows, key rows, band) pair of a call in one launch per kernel. Each program
+owns a tile of one *segment* (rows of q in the forward and dQ, of k in dK/dV) and loops over the segment's
+*entries*, the key (query) blocks it meets, each with its own band: a packed sequence is a segment with one
+entry, a query range that several mask slices reach is a segment with several (see ``_segment_tables``).
 
 Run the tests under the interpreter on CPU:  TRITON_INTERPRET=1 pytest tests/test_kernels.py
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 import os
@@ -214,30 +217,22 @@ def _to_operand(x, dtype: tl.constexpr, PRECISION: tl.constexpr):
     return x.to(dtype)
 
 
-# Packed sequences (VARLEN): one launch covers every sequence of the call. Row p of the int32 pair table
-# ``Table`` (shape (npairs, 8), contiguous; built by ``_pair_table``) describes sequence p:
-#     q_start, q_len, q_offset, k_start, k_len, k_offset, below, above
-# Programs of grid axis 1 take row ``program_id(1) // nheads`` (``// nheads_kv`` in _bwd_dkdv) where a
-# batched call takes the batch; the packed tensors are passed as one batch with batch stride 0, so that
-# index moves no pointer. The row's starts shift the base pointers along the sequence axis and its
-# lengths, offsets and band replace the scalar arguments. Grid axis 0 covers the longest sequence;
-# programs past the end of a shorter one get empty tile ranges (``_empty_if``), and their masked stores
-# write nothing.
+# Packed sequences and masks (VARLEN): one launch covers every pair of the call. Two int32 tables of 5 columns,
+# built by ``_segment_tables``: row p of ``Table`` is segment p, (own_start, own_len, own_offset, first, count),
+# the rows the program owns (q in the forward and dQ, k in dK/dV) and where its entries are; rows ``first ..
+# first + count`` of ``Entries`` are (other_start, other_len, other_offset, below, above), the blocks of the other
+# operand it meets and the band of each (always in query terms: qp - below <= kp <= qp + above). Programs of grid
+# axis 1 take segment ``program_id(1) // nheads`` (``// nheads_kv`` in _bwd_dkdv) where a batched call takes the
+# batch; the packed tensors are passed as one batch with batch stride 0, so that index moves no pointer. Grid
+# axis 0 covers the longest segment; programs past the end of a shorter one visit no entry, and their masked
+# stores write nothing.
 
 
 @triton.jit
-def _load_pair(Table, pair):
-    """Row ``pair`` of the pair table: (q_start, q_len, q_offset, k_start, k_len, k_offset, below, above)."""
-    row = Table + pair * 8
-    return (tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3),
-            tl.load(row + 4), tl.load(row + 5), tl.load(row + 6), tl.load(row + 7))
-
-
-@triton.jit
-def _empty_if(done, start, full_start, full_end, end):
-    """The tile ranges of _band_tiles, made empty when ``done`` (the program's tile is past its sequence)."""
-    return (tl.where(done, 0, start), tl.where(done, 0, full_start), tl.where(done, 0, full_end),
-            tl.where(done, 0, end))
+def _load_row(Table, row):
+    """Row ``row`` of a 5-column int32 table (a segment or an entry, see above)."""
+    base = Table + row * 5
+    return tl.load(base), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3), tl.load(base + 4)
 
 
 @triton.jit
@@ -318,6 +313,32 @@ def _fwd_inner(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd, str
 
 
 @triton.jit
+def _fwd_band(acc, row_max, row_sum, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+              q_first, q_last, q_pos, seqlen_k, k_offset, k_stride, below, above, qk_scale, softcap_in,
+              HEAD_DIM_QK: tl.constexpr, BLOCK_DQK: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, SOFTCAP: tl.constexpr):
+    """Every key tile of one key block that the band reaches: masked head, unmasked middle, masked tail
+    (``_band_tiles``)."""
+    start, full_start, full_end, end = _band_tiles(q_first, q_last, k_offset, k_stride, seqlen_k,
+                                                   below, above, BLOCK_N)
+    K_src = _stream_source(K_head, seqlen_k, stride_kn, TMA, HEAD_DIM_QK, BLOCK_N, BLOCK_DQK)
+    V_src = _stream_source(V_head, seqlen_k, stride_vn, TMA, HEAD_DIM_V, BLOCK_N, BLOCK_DV)
+    acc, row_max, row_sum = _fwd_inner(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd, stride_vn,
+                                       stride_vd, q_pos, start, full_start, seqlen_k, k_offset, k_stride, below,
+                                       above, qk_scale, softcap_in, HEAD_DIM_QK, BLOCK_DQK, HEAD_DIM_V, BLOCK_DV,
+                                       BLOCK_N, True, PRECISION, TMA, SOFTCAP)
+    acc, row_max, row_sum = _fwd_inner(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd, stride_vn,
+                                       stride_vd, q_pos, full_start, full_end, seqlen_k, k_offset, k_stride,
+                                       below, above, qk_scale, softcap_in, HEAD_DIM_QK, BLOCK_DQK, HEAD_DIM_V,
+                                       BLOCK_DV, BLOCK_N, False, PRECISION, TMA, SOFTCAP)
+    acc, row_max, row_sum = _fwd_inner(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd, stride_vn,
+                                       stride_vd, q_pos, full_end, end, seqlen_k, k_offset, k_stride, below,
+                                       above, qk_scale, softcap_in, HEAD_DIM_QK, BLOCK_DQK, HEAD_DIM_V, BLOCK_DV,
+                                       BLOCK_N, True, PRECISION, TMA, SOFTCAP)
+    return acc, row_max, row_sum
+
+
+@triton.jit
 def _fwd_full(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd, seqlen_k,
               qk_scale, softcap_in, HEAD_DIM_QK: tl.constexpr, BLOCK_DQK: tl.constexpr, HEAD_DIM_V: tl.constexpr,
               BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
@@ -361,7 +382,7 @@ def _store_output(Out_head, Lse_row, offs_m, stride_om, stride_od, stride_lm, se
 @triton.autotune(configs=_configs([(64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)]),
                  key=_FWD_TUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _fwd_kernel(Q, K, V, Out, Lse, Table,
+def _fwd_kernel(Q, K, V, Out, Lse, Table, Entries,
                 stride_qb, stride_qm, stride_qh, stride_qd,
                 stride_kb, stride_kn, stride_kh, stride_kd,
                 stride_vb, stride_vn, stride_vh, stride_vd,
@@ -377,13 +398,11 @@ def _fwd_kernel(Q, K, V, Out, Lse, Table,
     head = tl.program_id(1) % nheads
     kv_head = head // group
     m0 = pid_m * BLOCK_M
-    if VARLEN:  # batch is the row of the pair table (see _load_pair)
-        q_start, seqlen_q, q_offset, k_start, seqlen_k, k_offset, below, above = _load_pair(Table, batch)
+    if VARLEN:  # batch is the segment (see _load_row): its query rows and entries
+        q_start, seqlen_q, q_offset, first, count = _load_row(Table, batch)
         Q += q_start.to(tl.int64) * stride_qm
         Out += q_start.to(tl.int64) * stride_om
         Lse += q_start.to(tl.int64) * stride_lm
-        K += k_start.to(tl.int64) * stride_kn
-        V += k_start.to(tl.int64) * stride_vn
     offs_m = m0 + tl.arange(0, BLOCK_M)
     Q_head = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
     K_head = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
@@ -392,33 +411,29 @@ def _fwd_kernel(Q, K, V, Out, Lse, Table,
 
     q_first = q_offset + m0 * q_stride
     q_last = q_offset + (tl.minimum(m0 + BLOCK_M, seqlen_q) - 1) * q_stride
-    start, full_start, full_end, end = _band_tiles(q_first, q_last, k_offset, k_stride, seqlen_k,
-                                                   below, above, BLOCK_N)
-    if VARLEN:
-        start, full_start, full_end, end = _empty_if(m0 >= seqlen_q, start, full_start, full_end, end)
     q_pos = q_offset + offs_m * q_stride
-    K_src = _stream_source(K_head, seqlen_k, stride_kn, TMA, HEAD_DIM_QK, BLOCK_N, BLOCK_DQK)
-    V_src = _stream_source(V_head, seqlen_k, stride_vn, TMA, HEAD_DIM_V, BLOCK_N, BLOCK_DV)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     if FULL:  # every (query, key) pair visible and seqlen_k a multiple of BLOCK_N: no mask, one loop
+        K_src = _stream_source(K_head, seqlen_k, stride_kn, TMA, HEAD_DIM_QK, BLOCK_N, BLOCK_DQK)
+        V_src = _stream_source(V_head, seqlen_k, stride_vn, TMA, HEAD_DIM_V, BLOCK_N, BLOCK_DV)
         acc, row_max, row_sum = _fwd_full(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd, stride_vn,
                                           stride_vd, seqlen_k, qk_scale, softcap_in, HEAD_DIM_QK, BLOCK_DQK,
                                           HEAD_DIM_V, BLOCK_DV, BLOCK_N, PRECISION, TMA, SOFTCAP)
-    else:  # masked head, unmasked middle, masked tail (see _band_tiles)
-        acc, row_max, row_sum = _fwd_inner(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd, stride_vn,
-                                           stride_vd, q_pos, start, full_start, seqlen_k, k_offset, k_stride, below,
-                                           above, qk_scale, softcap_in, HEAD_DIM_QK, BLOCK_DQK, HEAD_DIM_V, BLOCK_DV,
-                                           BLOCK_N, True, PRECISION, TMA, SOFTCAP)
-        acc, row_max, row_sum = _fwd_inner(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd, stride_vn,
-                                           stride_vd, q_pos, full_start, full_end, seqlen_k, k_offset, k_stride,
-                                           below, above, qk_scale, softcap_in, HEAD_DIM_QK, BLOCK_DQK, HEAD_DIM_V,
-                                           BLOCK_DV, BLOCK_N, False, PRECISION, TMA, SOFTCAP)
-        acc, row_max, row_sum = _fwd_inner(acc, row_max, row_sum, q, K_src, V_src, stride_kn, stride_kd, stride_vn,
-                                           stride_vd, q_pos, full_end, end, seqlen_k, k_offset, k_stride, below,
-                                           above, qk_scale, softcap_in, HEAD_DIM_QK, BLOCK_DQK, HEAD_DIM_V, BLOCK_DV,
-                                           BLOCK_N, True, PRECISION, TMA, SOFTCAP)
+    elif VARLEN:  # every key block of the segment's entries, each with its band (none past the segment's end)
+        for entry in range(first, first + tl.where(m0 < seqlen_q, count, 0)):
+            k_start, k_len, k_off, e_below, e_above = _load_row(Entries, entry)
+            acc, row_max, row_sum = _fwd_band(acc, row_max, row_sum, q, K_head + k_start.to(tl.int64) * stride_kn,
+                                              V_head + k_start.to(tl.int64) * stride_vn, stride_kn, stride_kd,
+                                              stride_vn, stride_vd, q_first, q_last, q_pos, k_len, k_off, k_stride,
+                                              e_below, e_above, qk_scale, softcap_in, HEAD_DIM_QK, BLOCK_DQK,
+                                              HEAD_DIM_V, BLOCK_DV, BLOCK_N, PRECISION, TMA, SOFTCAP)
+    else:
+        acc, row_max, row_sum = _fwd_band(acc, row_max, row_sum, q, K_head, V_head, stride_kn, stride_kd, stride_vn,
+                                          stride_vd, q_first, q_last, q_pos, seqlen_k, k_offset, k_stride, below,
+                                          above, qk_scale, softcap_in, HEAD_DIM_QK, BLOCK_DQK, HEAD_DIM_V, BLOCK_DV,
+                                          BLOCK_N, PRECISION, TMA, SOFTCAP)
     _store_output(Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh,
                   Lse + batch.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh, offs_m, stride_om, stride_od,
                   stride_lm, seqlen_q, acc, row_max, row_sum, ACCUMULATE, HEAD_DIM_V, BLOCK_DV)
@@ -487,61 +502,18 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_src, DO_src, Lse_row, Delta_row,
 
 
 @triton.jit
-def _store_grad(Head, rows, stride_row, stride_d, n_rows, grad, ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_D: tl.constexpr):
-    """Stores a float32 gradient tile, or with ACCUMULATE adds it to the float32 gradient already there."""
-    if ACCUMULATE:
-        grad = _load_tile(Head, rows, stride_row, stride_d, n_rows, True, HEAD_DIM, BLOCK_D) + grad
-    _store_tile(Head, rows, stride_row, stride_d, n_rows, grad, HEAD_DIM, BLOCK_D)
-
-
-@triton.autotune(configs=_configs([(32, 64, 8, 2), (32, 64, 8, 3), (32, 128, 8, 2), (64, 64, 8, 3)]),
-                 key=_TUNE_KEY, prune_configs_by=_PRUNE_DKDV)
-@triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Table,
-              stride_qb, stride_qm, stride_qh, stride_qd,
-              stride_kb, stride_kn, stride_kh, stride_kd,
-              stride_vb, stride_vn, stride_vh, stride_vd,
-              stride_dob, stride_dom, stride_doh, stride_dod,
-              stride_lb, stride_lh, stride_lm,
-              stride_dkb, stride_dkn, stride_dkh, stride_dkd,
-              stride_dvb, stride_dvn, stride_dvh, stride_dvd,
-              seqlen_q, seqlen_k, nheads, group,
-              q_offset, q_stride, k_offset, k_stride, below, above, qk_scale, softcap_in, softmax_scale,
-              seqlen_bucket, HEAD_DIM_QK: tl.constexpr, BLOCK_DQK: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-              BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr, ACCUMULATE: tl.constexpr,
-              TMA: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    nheads_kv = nheads // group
-    batch = tl.program_id(1) // nheads_kv
-    kv_head = tl.program_id(1) % nheads_kv
-    n0 = tl.program_id(0) * BLOCK_N
-    if VARLEN:  # batch is the row of the pair table (see _load_pair)
-        q_start, seqlen_q, q_offset, k_start, seqlen_k, k_offset, below, above = _load_pair(Table, batch)
-        Q += q_start.to(tl.int64) * stride_qm
-        DO += q_start.to(tl.int64) * stride_dom
-        Lse += q_start.to(tl.int64) * stride_lm
-        Delta += q_start.to(tl.int64) * stride_lm
-        K += k_start.to(tl.int64) * stride_kn
-        V += k_start.to(tl.int64) * stride_vn
-        DK += k_start.to(tl.int64) * stride_dkn
-        DV += k_start.to(tl.int64) * stride_dvn
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    K_head = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-    V_head = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
-    k = _load_tile(K_head, offs_n, stride_kn, stride_kd, seqlen_k, True, HEAD_DIM_QK, BLOCK_DQK)
-    v = _load_tile(V_head, offs_n, stride_vn, stride_vd, seqlen_k, True, HEAD_DIM_V, BLOCK_DV)
-
+def _bwd_dkdv_band(dk, dv, k, v, Q, DO, Lse, Delta, batch, kv_head, group, nheads,
+                   stride_qb, stride_qm, stride_qh, stride_qd, stride_dob, stride_dom, stride_doh, stride_dod,
+                   stride_lb, stride_lh, stride_lm, k_first, k_last, k_pos, seqlen_q, q_offset, q_stride, below, above,
+                   qk_scale, softcap_in, HEAD_DIM_QK: tl.constexpr, BLOCK_DQK: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
+                   TMA: tl.constexpr, SOFTCAP: tl.constexpr):
+    """dK, dV of a key tile from one query block (``seqlen_q`` rows from Q), summed over every query head of the
+    GQA group (deterministic: no atomics), over the query tiles the band reaches."""
     # Seen from the keys, query qp is visible iff kp - above <= qp <= kp + below: the band mirrored.
-    k_first = k_offset + n0 * k_stride
-    k_last = k_offset + (tl.minimum(n0 + BLOCK_N, seqlen_k) - 1) * k_stride
     start, full_start, full_end, end = _band_tiles(k_first, k_last, q_offset, q_stride, seqlen_q,
                                                    above, below, BLOCK_M)
-    if VARLEN:
-        start, full_start, full_end, end = _empty_if(n0 >= seqlen_k, start, full_start, full_end, end)
-    k_pos = k_offset + offs_n * k_stride
-    dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    for g in range(0, group):  # every query head that reads this KV head: a deterministic GQA sum
+    for g in range(0, group):
         head = kv_head * group + g
         Q_src = _stream_source(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh, seqlen_q,
                                stride_qm, TMA, HEAD_DIM_QK, BLOCK_M, BLOCK_DQK)
@@ -561,6 +533,71 @@ def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Table,
                                  stride_dom, stride_dod, stride_lm, k_pos, full_end, end, seqlen_q, q_offset,
                                  q_stride, below, above, qk_scale, softcap_in, HEAD_DIM_QK, BLOCK_DQK, HEAD_DIM_V,
                                  BLOCK_DV, BLOCK_M, True, PRECISION, TMA, SOFTCAP)
+    return dk, dv
+
+
+@triton.jit
+def _store_grad(Head, rows, stride_row, stride_d, n_rows, grad, ACCUMULATE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """Stores a float32 gradient tile, or with ACCUMULATE adds it to the float32 gradient already there."""
+    if ACCUMULATE:
+        grad = _load_tile(Head, rows, stride_row, stride_d, n_rows, True, HEAD_DIM, BLOCK_D) + grad
+    _store_tile(Head, rows, stride_row, stride_d, n_rows, grad, HEAD_DIM, BLOCK_D)
+
+
+@triton.autotune(configs=_configs([(32, 64, 8, 2), (32, 64, 8, 3), (32, 128, 8, 2), (64, 64, 8, 3)]),
+                 key=_TUNE_KEY, prune_configs_by=_PRUNE_DKDV)
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, Table, Entries,
+              stride_qb, stride_qm, stride_qh, stride_qd,
+              stride_kb, stride_kn, stride_kh, stride_kd,
+              stride_vb, stride_vn, stride_vh, stride_vd,
+              stride_dob, stride_dom, stride_doh, stride_dod,
+              stride_lb, stride_lh, stride_lm,
+              stride_dkb, stride_dkn, stride_dkh, stride_dkd,
+              stride_dvb, stride_dvn, stride_dvh, stride_dvd,
+              seqlen_q, seqlen_k, nheads, group,
+              q_offset, q_stride, k_offset, k_stride, below, above, qk_scale, softcap_in, softmax_scale,
+              seqlen_bucket, HEAD_DIM_QK: tl.constexpr, BLOCK_DQK: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+              BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr, ACCUMULATE: tl.constexpr,
+              TMA: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    nheads_kv = nheads // group
+    batch = tl.program_id(1) // nheads_kv
+    kv_head = tl.program_id(1) % nheads_kv
+    n0 = tl.program_id(0) * BLOCK_N
+    if VARLEN:  # batch is the segment (see _load_row): its key rows and entries (query blocks)
+        k_start, seqlen_k, k_offset, first, count = _load_row(Table, batch)
+        K += k_start.to(tl.int64) * stride_kn
+        V += k_start.to(tl.int64) * stride_vn
+        DK += k_start.to(tl.int64) * stride_dkn
+        DV += k_start.to(tl.int64) * stride_dvn
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    K_head = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    V_head = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    k = _load_tile(K_head, offs_n, stride_kn, stride_kd, seqlen_k, True, HEAD_DIM_QK, BLOCK_DQK)
+    v = _load_tile(V_head, offs_n, stride_vn, stride_vd, seqlen_k, True, HEAD_DIM_V, BLOCK_DV)
+
+    k_first = k_offset + n0 * k_stride
+    k_last = k_offset + (tl.minimum(n0 + BLOCK_N, seqlen_k) - 1) * k_stride
+    k_pos = k_offset + offs_n * k_stride
+    dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    if VARLEN:  # every query block of the segment's entries (none past the segment's end)
+        for entry in range(first, first + tl.where(n0 < seqlen_k, count, 0)):
+            q_start, q_len, q_off, e_below, e_above = _load_row(Entries, entry)
+            rows = q_start.to(tl.int64)
+            dk, dv = _bwd_dkdv_band(dk, dv, k, v, Q + rows * stride_qm, DO + rows * stride_dom, Lse + rows * stride_lm,
+                                    Delta + rows * stride_lm, batch, kv_head, group, nheads, stride_qb, stride_qm,
+                                    stride_qh, stride_qd, stride_dob, stride_dom, stride_doh, stride_dod, stride_lb,
+                                    stride_lh, stride_lm, k_first, k_last, k_pos, q_len, q_off, q_stride, e_below,
+                                    e_above, qk_scale, softcap_in, HEAD_DIM_QK, BLOCK_DQK, HEAD_DIM_V, BLOCK_DV,
+                                    BLOCK_M, PRECISION, VARLEN, TMA, SOFTCAP)
+    else:
+        dk, dv = _bwd_dkdv_band(dk, dv, k, v, Q, DO, Lse, Delta, batch, kv_head, group, nheads, stride_qb, stride_qm,
+                                stride_qh, stride_qd, stride_dob, stride_dom, stride_doh, stride_dod, stride_lb,
+                                stride_lh, stride_lm, k_first, k_last, k_pos, seqlen_q, q_offset, q_stride, below,
+                                above, qk_scale, softcap_in, HEAD_DIM_QK, BLOCK_DQK, HEAD_DIM_V, BLOCK_DV, BLOCK_M,
+                                PRECISION, VARLEN, TMA, SOFTCAP)
 
     _store_grad(DK + batch.to(tl.int64) * stride_dkb + kv_head.to(tl.int64) * stride_dkh, offs_n, stride_dkn,
                 stride_dkd, seqlen_k, dk * softmax_scale, ACCUMULATE, HEAD_DIM_QK, BLOCK_DQK)
@@ -591,11 +628,36 @@ def _bwd_dq_inner(dq, q, dout, lse, delta, K_src, V_src, stride_kn, stride_kd, s
     return dq
 
 
+@triton.jit
+def _bwd_dq_band(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+                 q_first, q_last, q_pos, seqlen_k, k_offset, k_stride, below, above, qk_scale, softcap_in,
+                 HEAD_DIM_QK: tl.constexpr, BLOCK_DQK: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, SOFTCAP: tl.constexpr):
+    """dQ of a query tile from the key tiles of one key block that the band reaches."""
+    start, full_start, full_end, end = _band_tiles(q_first, q_last, k_offset, k_stride, seqlen_k,
+                                                   below, above, BLOCK_N)
+    K_src = _stream_source(K_head, seqlen_k, stride_kn, TMA, HEAD_DIM_QK, BLOCK_N, BLOCK_DQK)
+    V_src = _stream_source(V_head, seqlen_k, stride_vn, TMA, HEAD_DIM_V, BLOCK_N, BLOCK_DV)
+    dq = _bwd_dq_inner(dq, q, dout, lse, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd, q_pos,
+                       start, full_start, seqlen_k, k_offset, k_stride, below, above, qk_scale,
+                       softcap_in, HEAD_DIM_QK, BLOCK_DQK, HEAD_DIM_V, BLOCK_DV, BLOCK_N, True, PRECISION, TMA,
+                       SOFTCAP)
+    dq = _bwd_dq_inner(dq, q, dout, lse, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd, q_pos,
+                       full_start, full_end, seqlen_k, k_offset, k_stride, below, above, qk_scale,
+                       softcap_in, HEAD_DIM_QK, BLOCK_DQK, HEAD_DIM_V, BLOCK_DV, BLOCK_N, False, PRECISION, TMA,
+                       SOFTCAP)
+    dq = _bwd_dq_inner(dq, q, dout, lse, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd, q_pos,
+                       full_end, end, seqlen_k, k_offset, k_stride, below, above, qk_scale,
+                       softcap_in, HEAD_DIM_QK, BLOCK_DQK, HEAD_DIM_V, BLOCK_DV, BLOCK_N, True, PRECISION, TMA,
+                       SOFTCAP)
+    return dq
+
+
 # (128x128 / 8 warps spills in its main loop with Triton 3.6, not with 3.9)
 @triton.autotune(configs=_configs([(64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3)]),
                  key=_TUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Table,
+def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Table, Entries,
             stride_qb, stride_qm, stride_qh, stride_qd,
             stride_kb, stride_kn, stride_kh, stride_kd,
             stride_vb, stride_vn, stride_vh, stride_vd,
@@ -611,15 +673,13 @@ def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Table,
     head = tl.program_id(1) % nheads
     kv_head = head // group
     m0 = tl.program_id(0) * BLOCK_M
-    if VARLEN:  # batch is the row of the pair table (see _load_pair)
-        q_start, seqlen_q, q_offset, k_start, seqlen_k, k_offset, below, above = _load_pair(Table, batch)
+    if VARLEN:  # batch is the segment (see _load_row): its query rows and entries
+        q_start, seqlen_q, q_offset, first, count = _load_row(Table, batch)
         Q += q_start.to(tl.int64) * stride_qm
         DO += q_start.to(tl.int64) * stride_dom
         Lse += q_start.to(tl.int64) * stride_lm
         Delta += q_start.to(tl.int64) * stride_lm
         DQ += q_start.to(tl.int64) * stride_dqm
-        K += k_start.to(tl.int64) * stride_kn
-        V += k_start.to(tl.int64) * stride_vn
     offs_m = m0 + tl.arange(0, BLOCK_M)
     Q_head = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
     DO_head = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
@@ -634,26 +694,19 @@ def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ, Table,
 
     q_first = q_offset + m0 * q_stride
     q_last = q_offset + (tl.minimum(m0 + BLOCK_M, seqlen_q) - 1) * q_stride
-    start, full_start, full_end, end = _band_tiles(q_first, q_last, k_offset, k_stride, seqlen_k,
-                                                   below, above, BLOCK_N)
-    if VARLEN:
-        start, full_start, full_end, end = _empty_if(m0 >= seqlen_q, start, full_start, full_end, end)
     q_pos = q_offset + offs_m * q_stride
-    K_src = _stream_source(K_head, seqlen_k, stride_kn, TMA, HEAD_DIM_QK, BLOCK_N, BLOCK_DQK)
-    V_src = _stream_source(V_head, seqlen_k, stride_vn, TMA, HEAD_DIM_V, BLOCK_N, BLOCK_DV)
     dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
-    dq = _bwd_dq_inner(dq, q, dout, lse, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd, q_pos,
-                       start, full_start, seqlen_k, k_offset, k_stride, below, above, qk_scale,
-                       softcap_in, HEAD_DIM_QK, BLOCK_DQK, HEAD_DIM_V, BLOCK_DV, BLOCK_N, True, PRECISION, TMA,
-                       SOFTCAP)
-    dq = _bwd_dq_inner(dq, q, dout, lse, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd, q_pos,
-                       full_start, full_end, seqlen_k, k_offset, k_stride, below, above, qk_scale,
-                       softcap_in, HEAD_DIM_QK, BLOCK_DQK, HEAD_DIM_V, BLOCK_DV, BLOCK_N, False, PRECISION, TMA,
-                       SOFTCAP)
-    dq = _bwd_dq_inner(dq, q, dout, lse, delta, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd, q_pos,
-                       full_end, end, seqlen_k, k_offset, k_stride, below, above, qk_scale,
-                       softcap_in, HEAD_DIM_QK, BLOCK_DQK, HEAD_DIM_V, BLOCK_DV, BLOCK_N, True, PRECISION, TMA,
-                       SOFTCAP)
+    if VARLEN:  # every key block of the segment's entries (none past the segment's end)
+        for entry in range(first, first + tl.where(m0 < seqlen_q, count, 0)):
+            k_start, k_len, k_off, e_below, e_above = _load_row(Entries, entry)
+            dq = _bwd_dq_band(dq, q, dout, lse, delta, K_head + k_start.to(tl.int64) * stride_kn,
+                              V_head + k_start.to(tl.int64) * stride_vn, stride_kn, stride_kd, stride_vn, stride_vd,
+                              q_first, q_last, q_pos, k_len, k_off, k_stride, e_below, e_above, qk_scale, softcap_in,
+                              HEAD_DIM_QK, BLOCK_DQK, HEAD_DIM_V, BLOCK_DV, BLOCK_N, PRECISION, TMA, SOFTCAP)
+    else:
+        dq = _bwd_dq_band(dq, q, dout, lse, delta, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+                          q_first, q_last, q_pos, seqlen_k, k_offset, k_stride, below, above, qk_scale, softcap_in,
+                          HEAD_DIM_QK, BLOCK_DQK, HEAD_DIM_V, BLOCK_DV, BLOCK_N, PRECISION, TMA, SOFTCAP)
 
     _store_grad(DQ + batch.to(tl.int64) * stride_dqb + head.to(tl.int64) * stride_dqh, offs_m, stride_dqm, stride_dqd,
                 seqlen_q, dq * softmax_scale, ACCUMULATE, HEAD_DIM_QK, BLOCK_DQK)
@@ -757,7 +810,7 @@ def forward(q, k, v, scale, qpos: Positions, kpos: Positions, below, above, out_
         lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
     grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads)  # noqa: E731
     _fwd_kernel[grid](
-        q, k, v, out, lse, None, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        q, k, v, out, lse, None, None, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
         seqlen_q, seqlen_k, nheads, nheads // nheads_kv,
         qpos.offset, qpos.stride, kpos.offset, kpos.stride, below, above, *_score_scales(scale, softcap),
         _seqlen_bucket(max(seqlen_q, seqlen_k)), VARLEN=False, FULL=_all_visible(qpos, kpos, below, above),
@@ -786,22 +839,52 @@ def backward(dout, q, k, v, out, lse, scale, qpos: Positions, kpos: Positions, b
               _seqlen_bucket(max(seqlen_q, seqlen_k)))
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride())
     _bwd_dkdv[lambda m: (triton.cdiv(seqlen_k, m["BLOCK_N"]), batch * nheads_kv)](
-        q, k, v, dout, lse, delta, dk, dv, None, *strides, *dk.stride(), *dv.stride(), *common, VARLEN=False,
+        q, k, v, dout, lse, delta, dk, dv, None, None, *strides, *dk.stride(), *dv.stride(), *common, VARLEN=False,
         **_meta(q, v, accumulate is not None, softcap, q, dout))
     _bwd_dq[lambda m: (triton.cdiv(seqlen_q, m["BLOCK_M"]), batch * nheads)](
-        q, k, v, dout, lse, delta, dq, None, *strides, *dq.stride(), *common, VARLEN=False,
+        q, k, v, dout, lse, delta, dq, None, None, *strides, *dq.stride(), *common, VARLEN=False,
         **_meta(q, v, accumulate is not None, softcap, k, v))
     return dq, dk, dv
 
 
 # ------------------------------------------------------------------------- packed (variable-length) launchers
 
-def _pair_table(pairs, device):
-    """The int32 pair table of ``PackedPair`` s (see _load_pair) and the longest q and k lengths."""
-    rows = [(p.q_start, p.q.length, p.q.offset, p.k_start, p.k.length, p.k.offset, p.below, p.above)
-            for p in pairs]
-    table = torch.tensor(rows, dtype=torch.int32, device=device)
-    return table, max(p.q.length for p in pairs), max(p.k.length for p in pairs)
+def _segment_tables(pairs, side, device):
+    """(segments, entries, longest segment): the int32 tables of ``PackedPair`` s (see _load_row) for the kernels
+    that own ``side``'s rows ("q": forward and dQ, "k": dK/dV). Rows that several pairs cover (mask slices that
+    meet the same queries) are cut at every pair boundary, so that segments never share a row: each program
+    then writes rows no other program writes, and a row's entries are all the blocks it meets."""
+    own = (lambda p: (p.q_start, p.q)) if side == "q" else (lambda p: (p.k_start, p.k))  # noqa: E731
+    other = (lambda p: (p.k_start, p.k)) if side == "q" else (lambda p: (p.q_start, p.q))  # noqa: E731
+    cuts = sorted({row for p in pairs for row in (own(p)[0], own(p)[0] + own(p)[1].length)})
+    pieces = {}  # first row -> [end row, position of the first row, entries]
+    for p in pairs:
+        start, pos = own(p)
+        other_start, other_pos = other(p)
+        entry = (other_start, other_pos.length, other_pos.offset, p.below, p.above)
+        i = bisect.bisect_left(cuts, start)
+        while cuts[i] < start + pos.length:
+            offset = pos.offset + (cuts[i] - start) * pos.stride
+            piece = pieces.setdefault(cuts[i], [cuts[i + 1], offset, []])
+            if piece[1] != offset:
+                raise ValueError(f"pairs give {side} row {cuts[i]} two positions ({piece[1]} and {offset})")
+            piece[2].append(entry)
+            i += 1
+    segments, entries = [], []
+    for first_row in sorted(pieces):
+        end_row, offset, blocks = pieces[first_row]
+        segments.append((first_row, end_row - first_row, offset, len(entries), len(blocks)))
+        entries += blocks
+    as_table = lambda rows: torch.tensor(rows, dtype=torch.int32, device=device)  # noqa: E731
+    return as_table(segments), as_table(entries), max(row[1] for row in segments)
+
+
+def _check_strides(pairs):
+    """The launches pass one q and one k position stride for all pairs."""
+    strides = {(p.q.stride, p.k.stride) for p in pairs}
+    if len(strides) > 1:
+        raise ValueError(f"the pairs of one call must share their q and k position strides; got {sorted(strides)}")
+    return strides.pop()
 
 
 def _packed_strides(t):
@@ -811,20 +894,23 @@ def _packed_strides(t):
 
 
 def forward_varlen(q, k, v, scale, pairs, out, lse, accumulate=False, softcap=None):
-    """All packed sequences (``PackedPair`` s, sharing q and k position strides) in one launch. Writes
-    their rows of ``out`` (total_q, H, D) and ``lse`` (H, total_q), or with ``accumulate`` merges them into
-    the float32 (out, lse) there; other rows are left as they are."""
+    """Every (query rows, key rows, band) pair (``PackedPair`` s: packed sequences, or the pieces of a mask;
+    sharing q and k position strides) in one launch. Writes the rows of ``out`` (total_q, H, D) and ``lse``
+    (H, total_q) that pairs cover, or with ``accumulate`` merges into the float32 (out, lse) there; other rows
+    are left as they are."""
     nheads, nheads_kv = q.shape[1], k.shape[1]
-    table, max_q, max_k = _pair_table(pairs, q.device)
+    q_stride, k_stride = _check_strides(pairs)
+    segments, entries, max_q = _segment_tables(pairs, "q", q.device)
+    max_k = max(p.k.length for p in pairs)
     # The interpreter truncates float32 -> bfloat16 in stores (see forward): compute in float32, copy back.
     kernel_out = out
     if INTERPRET and out.dtype == torch.bfloat16:
         kernel_out = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
-    grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), len(pairs) * nheads)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), len(segments) * nheads)  # noqa: E731
     _fwd_kernel[grid](
-        q, k, v, kernel_out, lse, table, *_packed_strides(q), *_packed_strides(k), *_packed_strides(v),
+        q, k, v, kernel_out, lse, segments, entries, *_packed_strides(q), *_packed_strides(k), *_packed_strides(v),
         *_packed_strides(kernel_out), *_packed_strides(lse), max_q, max_k, nheads, nheads // nheads_kv,
-        0, pairs[0].q.stride, 0, pairs[0].k.stride, 0, 0, *_score_scales(scale, softcap),  # per pair: the table
+        0, q_stride, 0, k_stride, 0, 0, *_score_scales(scale, softcap),  # per segment and entry: the tables
         _seqlen_bucket(max(max_q, max_k)), VARLEN=True, FULL=False, **_meta(q, v, accumulate, softcap, k, v))
     if kernel_out is not out:
         rows = torch.cat([torch.arange(p.q_start, p.q_start + p.q.length) for p in pairs])
@@ -832,11 +918,13 @@ def forward_varlen(q, k, v, scale, pairs, out, lse, accumulate=False, softcap=No
 
 
 def backward_varlen(dout, q, k, v, out, lse, scale, pairs, dq, dk, dv, accumulate=False, softcap=None):
-    """Gradients of ``forward_varlen``, one launch per kernel: writes each pair's rows of dq, dk, dv
-    (float32, shaped like q, k, v), or with ``accumulate`` adds them to what those rows hold."""
+    """Gradients of ``forward_varlen``, one launch per kernel: writes the rows of dq, dk, dv (float32, shaped
+    like q, k, v) that pairs cover, or with ``accumulate`` adds to what those rows hold."""
     total_q, nheads, _ = q.shape
     nheads_kv, headdim_v = k.shape[1], v.shape[2]
-    table, max_q, max_k = _pair_table(pairs, q.device)
+    q_stride, k_stride = _check_strides(pairs)
+    q_segments, k_entries, max_q = _segment_tables(pairs, "q", q.device)
+    k_segments, q_entries, max_k = _segment_tables(pairs, "k", q.device)
     # delta over all packed rows as one sequence: (1, H, total_q), the layout of a contiguous lse
     lse = lse.contiguous()
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
@@ -844,13 +932,13 @@ def backward_varlen(dout, q, k, v, out, lse, scale, pairs, dq, dk, dv, accumulat
         out, dout, delta, *_packed_strides(out), *_packed_strides(dout), total_q, nheads,
         HEAD_DIM=headdim_v, BLOCK_D=_block_d(headdim_v), BLOCK_M=64)
     common = (max_q, max_k, nheads, nheads // nheads_kv,
-              0, pairs[0].q.stride, 0, pairs[0].k.stride, 0, 0, *_score_scales(scale, softcap), scale,  # per pair
+              0, q_stride, 0, k_stride, 0, 0, *_score_scales(scale, softcap), scale,  # per segment: the tables
               _seqlen_bucket(max(max_q, max_k)))
     strides = (*_packed_strides(q), *_packed_strides(k), *_packed_strides(v), *_packed_strides(dout),
                *_packed_strides(lse))
-    _bwd_dkdv[lambda m: (triton.cdiv(max_k, m["BLOCK_N"]), len(pairs) * nheads_kv)](
-        q, k, v, dout, lse, delta, dk, dv, table, *strides, *_packed_strides(dk), *_packed_strides(dv), *common,
-        VARLEN=True, **_meta(q, v, accumulate, softcap, q, dout))
-    _bwd_dq[lambda m: (triton.cdiv(max_q, m["BLOCK_M"]), len(pairs) * nheads)](
-        q, k, v, dout, lse, delta, dq, table, *strides, *_packed_strides(dq), *common, VARLEN=True,
+    _bwd_dkdv[lambda m: (triton.cdiv(max_k, m["BLOCK_N"]), len(k_segments) * nheads_kv)](
+        q, k, v, dout, lse, delta, dk, dv, k_segments, q_entries, *strides, *_packed_strides(dk), *_packed_strides(dv),
+        *common, VARLEN=True, **_meta(q, v, accumulate, softcap, q, dout))
+    _bwd_dq[lambda m: (triton.cdiv(max_q, m["BLOCK_M"]), len(q_segments) * nheads)](
+        q, k, v, dout, lse, delta, dq, q_segments, k_entries, *strides, *_packed_strides(dq), *common, VARLEN=True,
         **_meta(q, v, accumulate, softcap, k, v))

@@ -214,3 +214,52 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k=None, causal=Fals
     out, lse = FlashAttnVarlenFunc.apply(q, k, v, _spans(q_bounds), _spans(k_bounds), causal, softmax_scale,
                                          window, backend, softcap, sinks)
     return (out, lse) if return_lse else out
+
+
+def _check_pairs(pairs, total_q, total_k):
+    if not isinstance(pairs, (list, tuple)) or not all(isinstance(p, PackedPair) for p in pairs):
+        raise TypeError("pairs must be a list of dist_attn.kernels.positions.PackedPair")
+    for i, p in enumerate(pairs):
+        if (min(p.q_start, p.k_start, p.q.length, p.k.length) < 0 or p.q_start + p.q.length > total_q
+                or p.k_start + p.k.length > total_k):
+            raise ValueError(f"pairs[{i}] = {p} must lie inside the {total_q} query and {total_k} key rows")
+    return [p for p in pairs if p.q.length and p.k.length]
+
+
+def flash_attn_pairs_forward(q, k, v, softmax_scale, pairs, out, lse, *, softcap=None, backend=None):
+    """Attention over explicit ``PackedPair`` s, merged into float32 accumulators, for masks made of slices.
+
+    Each pair is (query rows at positions, key rows at positions, band); unlike ``flash_attn_varlen_forward``'s
+    sequences, pairs may share query or key rows (a query range that several mask slices reach: a prefix-LM
+    document's causal part sees its prefix and itself). Every pair is merged into ``out`` (total_q, nheads,
+    headdim_v) and ``lse`` (nheads, total_q), float32, in place with the online-softmax rule; the Triton backend
+    runs all pairs in one launch. A pair must not repeat a (query, key) position pair that another pair covers.
+    Returns (out, lse)."""
+    _, total_q, _, nheads, _, headdim = check_packed(q, k, v)
+    scale = check_scale(softmax_scale, headdim)
+    softcap = check_softcap(softcap)
+    check_accumulate((out, lse), ("out", "lse"), q, (q.shape[:2] + v.shape[2:], (nheads, total_q)))
+    pairs = _check_pairs(pairs, total_q, k.shape[0])
+    if pairs:
+        _backend_module(check_backend(backend, q.device), q.device).forward_varlen(q, k, v, scale, pairs, out, lse,
+                                                                                   True, softcap=softcap)
+    return out, lse
+
+
+def flash_attn_pairs_backward(dout, q, k, v, out, lse, softmax_scale, pairs, dq, dk, dv, *, softcap=None,
+                              backend=None):
+    """Gradients of ``flash_attn_pairs_forward`` given the output and the LSE of all pairs (a ring's global
+    one), added into the float32 ``dq``, ``dk``, ``dv`` (shaped like q, k, v) in place; returns them."""
+    _, total_q, _, nheads, _, headdim = check_packed(q, k, v)
+    scale = check_scale(softmax_scale, headdim)
+    softcap = check_softcap(softcap)
+    out_shape = q.shape[:2] + v.shape[2:]
+    check_like("dout", dout, q, out_shape)
+    check_like("out", out, q, out_shape)
+    check_like("lse", lse, q, (nheads, total_q), torch.float32)
+    check_accumulate((dq, dk, dv), ("dq", "dk", "dv"), q, (q.shape, k.shape, v.shape))
+    pairs = _check_pairs(pairs, total_q, k.shape[0])
+    if pairs:
+        _backend_module(check_backend(backend, q.device), q.device).backward_varlen(
+            dout, q, k, v, out, lse, scale, pairs, dq, dk, dv, True, softcap=softcap)
+    return dq, dk, dv
