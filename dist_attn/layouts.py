@@ -75,7 +75,8 @@ class PackedSegment(NamedTuple):
 def check_layout(layout, mask=None):
     """One of LAYOUTS, or of MASK_LAYOUTS when a mask is given."""
     if layout in MASK_LAYOUTS and mask is None:
-        raise ValueError(f"layout={layout!r} assigns chunks for a mask: pass mask= (a dist_attn.masks.Mask)")
+        raise ValueError(f"layout={layout!r} assigns chunks for a mask: pass mask= (a dist_attn.masks.Mask) to the "
+                         "calls that take one (ring_attention, shard, gather, global_positions, hf.shard_inputs)")
     if layout not in LAYOUTS + MASK_LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS + MASK_LAYOUTS}; got {layout!r}")
 

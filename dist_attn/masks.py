@@ -300,6 +300,19 @@ def dispatch_for(mask, world_size):
     return balanced_dispatch(mask, world_size, per_rank)
 
 
+def check_mask_args(mask, causal, window, cu_seqlens):
+    """A mask says which pairs are visible by itself: causal, window and cu_seqlens would say it twice."""
+    if mask is None:
+        return
+    if not isinstance(mask, Mask):
+        raise TypeError(f"mask must be a dist_attn.masks.Mask; got {type(mask).__name__}")
+    given = [name for name, value in (("causal", causal is not False), ("window", window is not None),
+                                      ("cu_seqlens", cu_seqlens is not None)) if value]
+    if given:
+        raise ValueError(f"mask= describes every visible pair: do not also pass {', '.join(given)} "
+                         f"(build them into the mask: dist_attn.masks.causal, window, documents)")
+
+
 # ------------------------------------------------------------------------------------ kernel pairs
 
 def _index_range(segment, lo, hi):

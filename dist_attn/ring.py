@@ -48,7 +48,7 @@ from .checkpointing import active_cache
 from .comm import RingComm, as_group
 from .layouts import (LAYOUTS, MASK_LAYOUTS, PackedSegment, check_layout, check_local_length, packed_local_length,
                       packed_segments, segments)
-from .masks import Mask, slice_pairs
+from .masks import check_mask_args, slice_pairs
 from .topology import ENV_LOCAL_WORLD_SIZE, TOPOLOGIES, check_topology, resolve
 
 
@@ -152,7 +152,13 @@ def ring_plan(layout, world_size, local_len, causal, window, bounds=None, mask=N
         if mask is not None:
             return bool(mask_pairs(mask, layout, rank, source, world_size, local_len))
         return bool(visible_pairs(layout, rank, source, world_size, local_len, causal, tuple_window, bounds))
-    needed = [d for d in range(1, world_size) if any(needs(r, (r - d) % world_size) for r in range(world_size))]
+    return plan_for_distances([d for d in range(1, world_size)
+                               if any(needs(r, (r - d) % world_size) for r in range(world_size))], world_size)
+
+
+def plan_for_distances(needed, world_size):
+    """The cheapest ``(forward_hops, backward_hops)`` that bring every block at a source distance in ``needed``
+    (ascending, in 1..w-1): distances 1..a forward and w-b..w-1 backward, a + b as small as possible."""
     if not needed:
         return 0, 0
     best = (needed[-1], 0)
@@ -289,7 +295,8 @@ _TAG_NAMES = {0: "forward K/V ring", 3: "forward reverse K/V ring", 6: "forward 
 
 
 def _packed(x):
-    """(batch, seqlen, heads, dim) -> (batch * seqlen, heads, dim), the view the pair kernels take."""
+    """(batch, seqlen, heads, dim) -> (batch * seqlen, heads, dim), the layout the pair kernels take: a view
+    (accumulators must be one, the kernels write into them), else a copy."""
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
@@ -316,12 +323,13 @@ def _ring_forward(q, k, v, sinks, causal, scale, layout, group, window, softcap,
     rank, world_size = _world(group)
     batch, local_len = q.shape[:2]
     out, lse = _accumulators(q, v, mask)
+    if mask is not None:  # the pair kernels' packed layout, once: views of the accumulators
+        q_rows, out_rows, lse_rows = _packed(q), out.view(-1, *out.shape[2:]), _packed_lse(lse)
 
     def visit(kv, source):
         if mask is not None:
             pairs = mask_pairs(mask, layout, rank, source, world_size, local_len, batch)
-            k_packed, v_packed = _split(_packed(kv), q.shape[-1])
-            flash_attn_pairs_forward(_packed(q), k_packed, v_packed, scale, pairs, _packed(out), _packed_lse(lse),
+            flash_attn_pairs_forward(q_rows, *_split(_packed(kv), q.shape[-1]), scale, pairs, out_rows, lse_rows,
                                      softcap=softcap, backend=backend)
             return
         for q_seg, k_seg in visible_pairs(layout, rank, source, world_size, local_len, causal, window, bounds):
@@ -357,14 +365,17 @@ class RingAttnFunc(torch.autograd.Function):
         rank, world_size = _world(group)
         batch, local_len = q.shape[:2]
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        if mask is not None:  # the pair kernels' packed layout, once (dq's is a view)
+            rows = (_packed(dout), _packed(q), _packed(out), _packed_lse(lse), dq.view(-1, *dq.shape[2:]))
+        headdim = q.shape[-1]
 
         def visit(kv, source):
             dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
             if mask is not None:
+                dout_rows, q_rows, out_rows, lse_rows, dq_rows = rows
                 pairs = mask_pairs(mask, layout, rank, source, world_size, local_len, batch)
-                headdim = q.shape[-1]
-                flash_attn_pairs_backward(_packed(dout), _packed(q), *_split(_packed(kv), headdim), _packed(out),
-                                          _packed_lse(lse), scale, pairs, _packed(dq), *_split(_packed(dkv), headdim),
+                flash_attn_pairs_backward(dout_rows, q_rows, *_split(_packed(kv), headdim), out_rows, lse_rows, scale,
+                                          pairs, dq_rows, *_split(dkv.view(-1, *dkv.shape[2:]), headdim),
                                           softcap=softcap, backend=backend)
                 return dkv
             for q_seg, k_seg in visible_pairs(layout, rank, source, world_size, local_len, causal, window, bounds):
@@ -427,19 +438,6 @@ def _check_peers(q, k, v, sinks, causal, scale, layout, window, softcap, group, 
                          f"softcap, sinks, cu_seqlens, mask and topology, and see the same {ENV_LOCAL_WORLD_SIZE}")
 
 
-def _check_mask_args(mask, causal, window, cu_seqlens):
-    """A mask says which pairs are visible by itself: causal, window and cu_seqlens would say it twice."""
-    if mask is None:
-        return
-    if not isinstance(mask, Mask):
-        raise TypeError(f"mask must be a dist_attn.masks.Mask; got {type(mask).__name__}")
-    given = [name for name, value in (("causal", causal is not False), ("window", window is not None),
-                                      ("cu_seqlens", cu_seqlens is not None)) if value]
-    if given:
-        raise ValueError(f"mask= describes every visible pair: do not also pass {', '.join(given)} "
-                         f"(build them into the mask: dist_attn.masks.causal, window, documents)")
-
-
 def ring_attention(q, k, v, causal=False, softmax_scale=None, layout="zigzag", group=None, window=None, *,
                    softcap=None, sinks=None, cu_seqlens=None, mask=None, topology="auto", backend=None,
                    check_peers=True):
@@ -477,7 +475,7 @@ def ring_attention(q, k, v, causal=False, softmax_scale=None, layout="zigzag", g
     Without an initialised process group it runs as a world of one.
     """
     group = as_group(group)
-    _check_mask_args(mask, causal, window, cu_seqlens)
+    check_mask_args(mask, causal, window, cu_seqlens)
     check_layout(layout, mask)
     check_topology(topology)
     if not isinstance(check_peers, bool):

@@ -31,6 +31,7 @@ from dist_attn.kernels.validation import (check_causal, check_qkv, check_scale, 
 
 from .comm import as_group, record_traffic
 from .layouts import check_layout, check_local_length, chunks_per_rank, gather, global_positions, shard
+from .masks import check_mask_args
 from .ring import ring_attention
 
 
@@ -114,37 +115,41 @@ def _check_coordinates(ulysses_rank, ulysses_size, ring_rank, ring_size):
             raise ValueError(f"{name}_rank must be an int in [0, {size}); got {rank!r}")
 
 
-def usp_shard(x, layout, ulysses_rank, ulysses_size, ring_rank, ring_size, dim=None, *, cu_seqlens=None):
+def usp_shard(x, layout, ulysses_rank, ulysses_size, ring_rank, ring_size, dim=None, *, cu_seqlens=None, mask=None):
     """This rank's tokens of the full sequence ``x`` (pure slicing; see the sharding contract above).
 
     ``dim`` defaults to 1, or to 0 for packed sequences (``cu_seqlens``: the global cumulative lengths, as for
     ``shard``): the ring shard ``shard(x, layout, ring_rank, ring_size, cu_seqlens=cu_seqlens)``, padding
-    included, is cut into ``ulysses_size`` contiguous pieces, so its length must divide by ``ulysses_size``."""
+    included, is cut into ``ulysses_size`` contiguous pieces, so its length must divide by ``ulysses_size``.
+    ``mask``: the ``dist_attn.masks.Mask`` of layout="balanced" (balanced over the ring degree)."""
     _check_coordinates(ulysses_rank, ulysses_size, ring_rank, ring_size)
     dim = (1 if cu_seqlens is None else 0) if dim is None else dim
-    ring_shard = shard(x, layout=layout, rank=ring_rank, world_size=ring_size, dim=dim, cu_seqlens=cu_seqlens)
+    ring_shard = shard(x, layout=layout, rank=ring_rank, world_size=ring_size, dim=dim, cu_seqlens=cu_seqlens,
+                       mask=mask)
     if ring_shard.shape[dim] % ulysses_size:
         if cu_seqlens is not None:
             raise ValueError(f"the ring shard of the packed sequences holds {ring_shard.shape[dim]} tokens (padding "
                              f"included), not a multiple of the Ulysses degree {ulysses_size}: pad the sequences "
                              f"(e.g. each to a multiple of {ring_size * chunks_per_rank(layout) * ulysses_size})")
-        raise ValueError(f"sequence length ({x.shape[dim]}) must be a multiple of "
-                         f"{ring_size * chunks_per_rank(layout) * ulysses_size} for layout={layout!r} with "
-                         f"ring degree {ring_size} and Ulysses degree {ulysses_size}")
+        per_ring_rank = "" if mask is None else f" and ring rank ({ring_shard.shape[dim]} tokens)"
+        multiple = ring_size * (1 if mask is not None else chunks_per_rank(layout)) * ulysses_size
+        raise ValueError(f"sequence length ({x.shape[dim]}){per_ring_rank} must be a multiple of {multiple} for "
+                         f"layout={layout!r} with ring degree {ring_size} and Ulysses degree {ulysses_size}")
     return ring_shard.chunk(ulysses_size, dim=dim)[ulysses_rank]
 
 
-def usp_positions(layout, ulysses_rank, ulysses_size, ring_rank, ring_size, local_len, device=None):
+def usp_positions(layout, ulysses_rank, ulysses_size, ring_rank, ring_size, local_len, device=None, *, mask=None):
     """Global position of every local token under ``usp_shard`` (1-D int64): for RoPE and labels."""
     _check_coordinates(ulysses_rank, ulysses_size, ring_rank, ring_size)
-    ring_positions = global_positions(layout, ring_rank, ring_size, local_len * ulysses_size, device=device)
+    ring_positions = global_positions(layout, ring_rank, ring_size, local_len * ulysses_size, device=device,
+                                      mask=mask)
     return ring_positions.chunk(ulysses_size)[ulysses_rank]
 
 
-def usp_gather(x_local, layout, ulysses_group=None, ring_group=None, dim=None, *, cu_seqlens=None):
-    """The full sequence from every rank's ``usp_shard`` piece (collective over both groups); ``dim`` and
-    ``cu_seqlens`` as for ``usp_shard`` (packed: the padding rows dropped)."""
-    check_layout(layout)
+def usp_gather(x_local, layout, ulysses_group=None, ring_group=None, dim=None, *, cu_seqlens=None, mask=None):
+    """The full sequence from every rank's ``usp_shard`` piece (collective over both groups); ``dim``,
+    ``cu_seqlens`` and ``mask`` as for ``usp_shard`` (packed: the padding rows dropped)."""
+    check_layout(layout, mask)
     dim = (1 if cu_seqlens is None else 0) if dim is None else dim
     ulysses_group, ring_group = as_group(ulysses_group, "ulysses_group"), as_group(ring_group, "ring_group")
     _, u = _degree(ulysses_group)
@@ -155,11 +160,11 @@ def usp_gather(x_local, layout, ulysses_group=None, ring_group=None, dim=None, *
         ring_shard = torch.cat(pieces, dim=dim)
     if _degree(ring_group)[1] == 1 and cu_seqlens is None:
         return ring_shard
-    return gather(ring_shard, layout=layout, group=ring_group, dim=dim, cu_seqlens=cu_seqlens)
+    return gather(ring_shard, layout=layout, group=ring_group, dim=dim, cu_seqlens=cu_seqlens, mask=mask)
 
 
 def usp_attention(q, k, v, causal=False, softmax_scale=None, layout="zigzag", ulysses_group=None, ring_group=None,
-                  window=None, *, softcap=None, sinks=None, cu_seqlens=None):
+                  window=None, *, softcap=None, sinks=None, cu_seqlens=None, mask=None):
     """Exact attention over a sequence sharded across Ulysses x ring groups (``usp_shard``). Differentiable.
 
     q: (batch, local_seqlen, nheads, headdim), k: (batch, local_seqlen, nheads_kv, headdim), v: (batch,
@@ -172,8 +177,16 @@ def usp_attention(q, k, v, causal=False, softmax_scale=None, layout="zigzag", ul
     headdim), k/v: (local_tokens, nheads_kv, headdim) as ``usp_shard(x, ..., cu_seqlens=cu_seqlens)`` places
     them. With packing, ``ring_group`` must be given in a multi-rank world (a group of one for ring degree 1,
     as ``sequence_parallel_groups`` provides), since None would mean the default group to ``ring_attention``.
+
+    ``mask``: a ``dist_attn.masks.Mask`` over the full sequence, as for ``ring_attention`` (in place of causal,
+    window and cu_seqlens; ``layout="balanced"`` balances it over the ring degree); ``ring_group`` must then be
+    given in a multi-rank world too.
     """
     ulysses_group, ring_group = as_group(ulysses_group, "ulysses_group"), as_group(ring_group, "ring_group")
+    check_mask_args(mask, causal, window, cu_seqlens)
+    if mask is not None and ring_group is None and dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError("ring_group must be given with mask in a multi-rank world (a group of one for ring degree "
+                         "1): None would run the ring over the default group")
     packed = cu_seqlens is not None
     if packed:  # the same path on (1, tokens, heads, headdim) views; the ring's packed path at its end
         _check_packed(q, k, v, ring_group)
@@ -184,7 +197,7 @@ def usp_attention(q, k, v, causal=False, softmax_scale=None, layout="zigzag", ul
     softcap = check_softcap(softcap)
     check_sinks(sinks, nheads, q)
     check_causal(causal)
-    check_layout(layout)
+    check_layout(layout, mask)
     _, u = _degree(ulysses_group)
     _, r = _degree(ring_group)
     if nheads % u:
@@ -198,7 +211,9 @@ def usp_attention(q, k, v, causal=False, softmax_scale=None, layout="zigzag", ul
         heads = nheads // u
         sinks = sinks[_degree(ulysses_group)[0] * heads:][:heads]
     features = dict(softmax_scale=scale, window=window, softcap=softcap, sinks=sinks)
-    if packed:
+    if mask is not None:
+        out = ring_attention(q, k, v, layout=layout, group=ring_group, mask=mask, **features)
+    elif packed:
         out = ring_attention(q[0], k[0], v[0], causal=causal, layout=layout, group=ring_group, cu_seqlens=cu_seqlens,
                              **features)[None]
     elif r == 1:  # the whole sequence, in order, is here

@@ -302,7 +302,7 @@ X = torch.zeros(1, 12, 2)
     (lambda: shard(X, "zigzag", 0, 2, dim="1"), ValueError, r"dim must be an int in \[-3, 3\).*got '1'"),
     (lambda: shard(X, "zigzag", 0, 2, dim=1.0), ValueError, r"dim must be an int.*got 1.0"),
     (lambda: shard(torch.tensor(1.0), "zigzag", 0, 1), ValueError, "x must have a sequence dimension; got a 0-d"),
-    (lambda: shard(X, None, 0, 2), ValueError, r"layout must be one of \('contiguous', 'zigzag', 'striped'\); got None"),
+    (lambda: shard(X, None, 0, 2), ValueError, r"layout must be one of \('contiguous', 'zigzag', 'striped', 'balanced'\); got None"),
     (lambda: shard(X, "zigzag", True, 2), ValueError, r"rank must be an int in \[0, 2\); got True"),
     (lambda: shard(X, "zigzag", -1, 2), ValueError, r"rank must be an int in \[0, 2\); got -1"),
     (lambda: shard(X, "zigzag", 0, 2.0), ValueError, "world_size must be an int >= 1; got 2.0"),

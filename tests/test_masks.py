@@ -114,4 +114,12 @@ def test_benchmark_writes_its_table_and_plot(tmp_path):
     text = (tmp_path / "mask_balance.md").read_text()
     assert "| documents | 4 |" in text and (tmp_path / "mask_balance.png").stat().st_size > 0
     causal_striped = next(r for r in rows if r["mask"] == "causal" and r["layout"] == "striped" and r["world"] == 8)
-    assert causal_striped["blocks"] == 8  # striped causal: every rank needs every block
+    assert causal_striped["blocks"] == 8 and causal_striped["hops"] == 7  # striped causal: every block, 7 hops
+    # the ring hops the benchmark derives from the boolean matrix are those of the library's plan, from the slices
+    from dist_attn.ring import ring_plan
+
+    families = mask_balance.families(2048)
+    for r in rows:
+        if r["world"] == 4 and r["layout"] != "balanced":  # (the benchmark's dispatch has its own chunk count)
+            assert r["hops"] == sum(ring_plan(r["layout"], 4, 512, False, None, None, families[r["mask"]])), r
+    assert "Bytes each rank receives per forward pass" in text

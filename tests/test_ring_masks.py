@@ -111,22 +111,24 @@ def test_pair_kernels_match_dense_attention(name, backend):
 
 
 def ring_cases(world_size):
-    """Every family under every layout at w = 4, two layouts per family (in turn) at w = 2 and 3, one at w = 1
-    (where all layouts are the same); at each world also the Triton kernels and, in a batch of 2, MLA-like head
-    dims (v 8) with softcap, sinks and MQA. At w = 8 the last two."""
+    """Every family under every layout at w = 4, two layouts per family (in turn) at w = 2 and 3, two families at
+    w = 1 (where all layouts are the same); at each world also the Triton kernels and, in a batch of 2, MLA-like
+    head dims (v 8) with softcap, sinks and MQA. At w = 8 block-sparse balanced and the features zigzag."""
     names = list(FAMILIES)
-    if world_size == 1:
-        cases = [dict(name=name, layout="balanced") for name in names]
+    if world_size == 1:  # the pair kernels' test covers every family on one device
+        cases = [dict(name=name, layout="balanced") for name in ("documents", "prefix_lm")]
     elif world_size < 4:
         cases = [dict(name=name, layout=MASK_LAYOUTS[(i + j + world_size) % 4]) for i, name in enumerate(names)
                  for j in (0, 2)]
     else:
         cases = [dict(name=name, layout=layout) for name in names for layout in MASK_LAYOUTS]
     cases = [dict(case, backend="torch") for case in cases]
+    if world_size == 8:
+        return [dict(name="block_sparse", layout="balanced", backend="torch"),
+                dict(name="shared_prompt", layout="zigzag", backend="torch", features=True)]
     cases.append(dict(name="prefix_lm", layout="balanced", backend="triton"))
-    cases.append(dict(name="shared_prompt", layout="zigzag" if world_size == 8 else "balanced", backend="torch",
-                      features=True))
-    return cases[-2:] if world_size == 8 else cases
+    cases.append(dict(name="shared_prompt", layout="balanced", backend="torch", features=True))
+    return cases
 
 
 def case_id(case):

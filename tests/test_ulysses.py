@@ -139,9 +139,44 @@ def run_packed_cases(rank, world_size):
     return results
 
 
+MASKED = [(2, 2, "balanced"), (2, 2, "striped"), (4, 1, "zigzag"), (1, 4, "balanced")]
+
+
+def run_masked_cases(rank, world_size):
+    """usp_attention with a prefix-LM mask (two documents) against float64 attention under its boolean matrix,
+    written out independently (``mask_checks``): max error of the gathered output and gradients (rank 0)."""
+    from dist_attn import masks, usp_attention, usp_gather, usp_shard
+    from mask_checks import dense_attention_with_grads, expected_prefix_lm
+
+    mask, visible = masks.prefix_lm([20, 9], [0, 70, 128]), expected_prefix_lm([20, 9], [0, 70, 128])
+    results = {}
+    for u, r, layout in MASKED:
+        ulysses_group, ring_group = make_groups(world_size, u)
+        gen = torch.Generator().manual_seed(u)
+        q, k, v, dout = (torch.randn(2, 128, h, 8, generator=gen) for h in (4, 2, 2, 4))
+
+        def local(x):
+            return usp_shard(x, layout, rank % u, u, rank // u, r, mask=mask)
+
+        inputs = [local(x).requires_grad_() for x in (q, k, v)]
+        out = usp_attention(*inputs, layout=layout, ulysses_group=ulysses_group, ring_group=ring_group, mask=mask)
+        out.backward(local(dout))
+        gathered = [usp_gather(t.detach(), layout, ulysses_group, ring_group, mask=mask)
+                    for t in (out, *(x.grad for x in inputs))]
+        ref_out, _, *ref_grads = dense_attention_with_grads(q, k, v, dout, visible)
+        results[(u, r, layout)] = max(max_error(g, e) for g, e in zip(gathered, (ref_out, *ref_grads)))
+    try:
+        usp_attention(*inputs, layout=layout, ulysses_group=make_groups(world_size, 2)[0], mask=mask)
+        results["no_ring_group"] = None
+    except ValueError as error:
+        results["no_ring_group"] = str(error)
+    return results
+
+
 def run_all(rank, world_size, cases):
     return {"dense": run_cases(rank, world_size, cases),
-            "packed": run_packed_cases(rank, world_size) if world_size == 4 else None}
+            "packed": run_packed_cases(rank, world_size) if world_size == 4 else None,
+            "masked": run_masked_cases(rank, world_size) if world_size == 4 else None}
 
 
 @functools.lru_cache(maxsize=None)
@@ -157,6 +192,17 @@ def world_results(world_size):
 def test_packed_sequences_under_ulysses_and_ring(case):
     for rank, result in enumerate(world_outcome(4)):
         assert result["packed"][case] <= GRAD_TOL, (rank, result["packed"][case])
+
+
+@pytest.mark.parametrize("case", MASKED, ids=lambda c: "-".join(map(str, c)))
+def test_masks_under_ulysses_and_ring(case):
+    assert world_outcome(4)[0]["masked"][case] <= GRAD_TOL, world_outcome(4)[0]["masked"][case]
+
+
+def test_a_mask_without_a_ring_group_is_refused_in_a_world():
+    """ring_group=None would run the ring over the default group: refused on every rank, before any collective."""
+    for result in world_outcome(4):
+        assert "ring_group must be given with mask" in result["masked"]["no_ring_group"], result["masked"]
 
 
 def test_a_packed_ring_shard_that_does_not_split_is_an_error():
