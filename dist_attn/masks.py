@@ -17,7 +17,12 @@ No pair may be visible in two slices (the softmax would count it twice): ``Mask`
 of bounds and empty bands. ``row_counts`` gives the exact number of visible keys of every query row, which is
 the work of that row in any attention kernel; ``rank_work`` and ``balanced_dispatch`` turn it into per-rank
 work for a layout, and an assignment of sequence chunks to ranks that balances it (greedy, largest chunk first
-onto the least-loaded rank, as MagiAttention's dispatch solver does).
+onto the least-loaded rank, as MagiAttention's dispatch solver does); ``dispatch_for`` is the one
+``layout="balanced"`` uses.
+
+Running a mask: ``slice_pairs`` cuts every slice by the local rows of a query and a key block into the kernels'
+``PackedPair`` s (what ``ring_attention(..., mask=)`` launches at each ring step), and ``check_mask_args`` refuses
+a mask together with causal, window or cu_seqlens.
 """
 
 from __future__ import annotations
@@ -87,6 +92,7 @@ class Mask:
             checked.append(s)
         self.seqlen, self.slices = seqlen, tuple(checked)
         self._check_overlaps()
+        self._hash = hash((seqlen, self.slices))  # masks key the ring's caches, once per step
 
     def _check_overlaps(self):
         order = sorted(range(len(self.slices)), key=lambda i: self.slices[i].q_start)
@@ -108,7 +114,7 @@ class Mask:
         return isinstance(other, Mask) and (self.seqlen, self.slices) == (other.seqlen, other.slices)
 
     def __hash__(self):
-        return hash((self.seqlen, self.slices))
+        return self._hash
 
     def checksum(self):
         """crc32 of the length and every slice (None as -2**62): equal on ranks that hold equal masks."""
@@ -326,12 +332,12 @@ def _finite(side, span):
     return span if side is None else min(side, span)
 
 
-def slice_pairs(mask, q_segments, k_segments, q_rows=0, k_rows=0):
+def slice_pairs(mask, q_segments, k_segments):
     """The kernel's ``PackedPair`` s of ``mask`` between local query rows and local key rows.
 
     ``q_segments``, ``k_segments``: ``dist_attn.layouts.Segment`` s (local rows at global positions). Every
-    (slice, query segment, key segment) whose rectangle holds a visible pair becomes one pair, rows shifted by
-    ``q_rows`` / ``k_rows`` (a batch's rows in a packed view), with the slice's band made finite."""
+    (slice, query segment, key segment) whose rectangle holds a visible pair becomes one pair, with the slice's
+    band made finite (the kernels do int32 arithmetic)."""
     pairs = []
     for qs in q_segments:
         for ks in k_segments:
@@ -346,6 +352,5 @@ def slice_pairs(mask, q_segments, k_segments, q_rows=0, k_rows=0):
                 below, above = _finite(s.below, span), _finite(s.above, span)
                 start, end = visible_range(qpos.first, qpos.last, kpos, below, above)
                 if end > start:
-                    pairs.append(PackedPair(q_rows + qs.start + q_lo, qpos, k_rows + ks.start + k_lo, kpos,
-                                            below, above))
+                    pairs.append(PackedPair(qs.start + q_lo, qpos, ks.start + k_lo, kpos, below, above))
     return pairs

@@ -10,6 +10,9 @@ of its first row. That is what a ring step needs, where a rank's part of sequenc
 and some positions of that sequence, and parts of a padded sequence are shorter than their slot. Rows
 that no span covers are left alone: output 0, LSE -inf, gradients 0. Each backend runs all sequences
 of a call at once (the Triton kernels in one launch per kernel).
+
+``flash_attn_pairs_forward`` / ``_backward`` take the kernels' ``PackedPair`` s directly, which may share rows:
+the pieces of a mask (``dist_attn.masks.slice_pairs``), merged into float32 accumulators.
 """
 
 from __future__ import annotations

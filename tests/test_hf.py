@@ -350,7 +350,7 @@ def packed_cases(world_size):
 def mask_cases(world_size):
     if world_size == 2:
         return [("prefix_lm", "balanced"), ("prefix_lm", "zigzag"), ("shared_prompt", "balanced")]
-    return [("prefix_lm", "balanced"), ("shared_prompt", "striped")]
+    return [("shared_prompt", "balanced")]
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
@@ -398,6 +398,7 @@ def test_masked_sp_model_matches_one_process_eager_with_the_mask(world):
     errors = results[0]["masks"]
     assert set(errors) == {f"{name}-{layout}" for name, layout in mask_cases(world_size)}
     for case, err in errors.items():
+        print(f"world {world_size} mask {case}: " + ", ".join(f"{k} {v:.1e}" for k, v in err.items()))
         assert max(err["logits"], err["loss"], err["grads"], err["grad_norms"]) <= TOL, (case, err)
         assert err["causal_logits"] > 100 * TOL, (case, err)
 

@@ -194,6 +194,8 @@ def ring_results(world_size):
 def check_ring_case(world_size, case):
     per_rank = [result[case_id(case)] for result in ring_results(world_size)]
     errors = per_rank[0]["errors"]
+    print(f"w{world_size} {case_id(case)}: plan {per_rank[0]['plan']}, " + ", ".join(
+        f"{name} {errors[name]:.1e}" for name in ("out", "dq", "dk", "dv", "dsinks") if name in errors))
     assert not errors["nan"] and errors["empty_rows_zero"], errors
     assert errors["out"] <= FWD_TOL, errors
     assert max(errors[name] for name in ("dq", "dk", "dv", "dsinks") if name in errors) <= GRAD_TOL, errors

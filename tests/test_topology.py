@@ -99,7 +99,7 @@ def test_hierarchical_ring_is_exact(world_size, case):
     per_rank = [result[case_id(case)] for result in world_results(world_size, "hierarchical")]
     errors = per_rank[0]["errors"]
     assert errors["out"] <= FWD_TOL and max(errors["dq"], errors["dk"], errors["dv"]) <= GRAD_TOL, errors
-    nodes, local = world_size // SHAPES[world_size], SHAPES[world_size]
+    nodes = world_size // SHAPES[world_size]
     for summary in per_rank:  # w - 1 blocks reach each rank; only n - 1 of them come from another node
         assert summary["messages"] == world_size - 1 and summary["crossing"] == nodes - 1, summary
 
