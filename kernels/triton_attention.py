@@ -889,7 +889,7 @@ def _check_strides(pairs):
 
 def _packed_strides(t):
     """Strides of a packed tensor seen as one batch with batch stride 0: the kernels' batch index is then
-    the row of the pair table and moves no pointer."""
+    the row of the segment table and moves no pointer."""
     return (0, *t.stride())
 
 
